@@ -1,0 +1,259 @@
+"""Runs the model on one tensor-parallel rank. Rank 0 drives: it sends each call to the workers over
+shared memory, runs its own shard, and alone samples."""
+import multiprocessing.synchronize
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanovllm.config import Config
+from nanovllm.engine.cuda_graph import CudaGraphRunner
+from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.shm_channel import ShmChannel, channel_size
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models import MODEL_REGISTRY
+from nanovllm.utils.context import forward_context
+from nanovllm.utils.loader import load_model
+
+CPU_KV_CACHE_BYTES = 512 << 20  # default KV budget on CPU when num_kvcache_blocks is not given
+CPU_MAX_BLOCKS = 8192
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ModelRunner:
+    def __init__(self, config: Config, rank: int, port: int, shm_name: str,
+                 events: list[multiprocessing.synchronize.Event] | multiprocessing.synchronize.Event) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        self.block_size = config.kvcache_block_size
+        self.events = events
+        self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
+        self._init_distributed(port)
+        self._build_model()
+        self.sampler = Sampler()
+        self.kv_cache = torch.tensor([])
+        self.num_kvcache_blocks = self._size_kv_cache()
+        self._allocate_kv_cache(self.num_kvcache_blocks)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = CudaGraphRunner(self)
+        self.channel = None
+        if self.world_size > 1:
+            size = channel_size(config.max_num_batched_tokens, config.max_num_seqs, self.max_blocks_per_seq)
+            self.channel = ShmChannel(shm_name, size, create=rank == 0)
+            dist.barrier()
+            if rank > 0:
+                self.loop()
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def _init_distributed(self, port: int) -> None:
+        if self.world_size == 1:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=self.world_size,
+                                rank=self.rank, device_id=self.device if backend == "nccl" else None)
+
+    def _build_model(self) -> None:
+        config = self.config
+        hf_config = config.hf_config
+        arch = next(a for a in hf_config.architectures if a in MODEL_REGISTRY)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = MODEL_REGISTRY[arch](hf_config, config.attention_backend)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return (self.config.max_model_len + self.block_size - 1) // self.block_size
+
+    def _block_bytes(self) -> int:
+        hf = self.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        num_kv_heads = hf.num_key_value_heads // self.world_size
+        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return 2 * hf.num_hidden_layers * self.block_size * num_kv_heads * head_dim * itemsize
+
+    def _size_kv_cache(self) -> int:
+        if self.config.num_kvcache_blocks > 0:
+            return self.config.num_kvcache_blocks
+        if self.device.type == "cpu":
+            return max(min(CPU_KV_CACHE_BYTES // self._block_bytes(), CPU_MAX_BLOCKS), self.max_blocks_per_seq)
+        num_blocks = self._size_kv_cache_cuda()
+        if self.world_size > 1:  # every rank must agree on the pool size
+            t = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num_blocks = int(t.item())
+        return num_blocks
+
+    def _size_kv_cache_cuda(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the GPU after weights and the activation peak of a
+        full-budget prefill (measured by a warm-up pass over a temporary cache)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seqs = self._warmup_seqs()
+        warm_blocks = sum(len(s.block_table) for s in seqs)
+        self._allocate_kv_cache(warm_blocks)
+        self.run_model(*self.prepare_prefill(seqs), is_prefill=True)
+        torch.cuda.synchronize()
+        activation_peak = torch.cuda.max_memory_allocated() - base - warm_blocks * self._block_bytes()
+        self._free_kv_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * self.config.gpu_memory_utilization - (total - free) - max(activation_peak, 0)
+        num_blocks = int(budget // self._block_bytes())
+        if num_blocks < 1:
+            raise RuntimeError(f"no room for even one KV-cache block on {self.device}: the model and activations "
+                               f"use {(total - free) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB at "
+                               f"gpu_memory_utilization={self.config.gpu_memory_utilization}; raise it, lower "
+                               "max_num_batched_tokens, or free GPU memory")
+        return num_blocks
+
+    def _warmup_seqs(self) -> list[Sequence]:
+        c = self.config
+        seq_len = min(c.max_model_len, c.max_num_batched_tokens)
+        num_seqs = max(1, min(c.max_num_batched_tokens // seq_len, c.max_num_seqs))
+        seqs, next_block = [], 0
+        for _ in range(num_seqs):
+            seq = Sequence([0] * seq_len, block_size=self.block_size)
+            seq.num_scheduled_tokens = seq_len
+            seq.block_table = list(range(next_block, next_block + seq.num_blocks))
+            next_block += seq.num_blocks
+            seqs.append(seq)
+        return seqs
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        hf = self.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        num_kv_heads = hf.num_key_value_heads // self.world_size
+        # [k/v, layer, block, offset in block, kv head, head dim]
+        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, num_kv_heads, head_dim,
+                                    dtype=self.config.torch_dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _free_kv_cache(self) -> None:
+        for attn in self.attention_layers():
+            attn.k_cache = attn.v_cache = torch.tensor([])
+        self.kv_cache = torch.tensor([])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def attention_layers(self) -> list:
+        from nanovllm.layers.attention import Attention
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    # -- rank 0 <-> workers ---------------------------------------------------------------------------------
+    def loop(self) -> None:
+        while True:
+            self.events.wait()
+            self.events.clear()
+            method, args = self.channel.read()
+            getattr(self, method)(*args)
+            if method == "exit":
+                break
+
+    def call(self, method: str, *args):
+        if self.channel is not None and self.rank == 0:
+            self.channel.write(method, *args)
+            for event in self.events:
+                event.set()
+        return getattr(self, method)(*args)
+
+    def exit(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        self._free_kv_cache()
+        if self.world_size > 1:
+            dist.barrier()
+            if self.channel is not None:
+                self.channel.close()
+            dist.destroy_process_group()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def to_device(self, data, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(data), dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def block_tables_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        table = np.full((len(seqs), width), -1, dtype=np.int32)
+        for i, seq in enumerate(seqs):
+            table[i, :len(seq.block_table)] = seq.block_table
+        return self.to_device(table, torch.int32)
+
+    def slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        input_ids, positions, slot_mapping = [], [], []
+        cu_seqlens_q, cu_seqlens_k = [0], [0]
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            input_ids.extend(seq.scheduled_token_ids())
+            positions.append(np.arange(start, end))
+            slot_mapping.append(self.slots(seq, start, end))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+            cu_seqlens_k.append(cu_seqlens_k[-1] + end)  # keys run to the chunk's end (#212)
+        context = dict(
+            is_prefill=True,
+            cu_seqlens_q=self.to_device(cu_seqlens_q, torch.int32),
+            cu_seqlens_k=self.to_device(cu_seqlens_k, torch.int32),
+            max_seqlen_q=int(np.diff(cu_seqlens_q).max()),
+            max_seqlen_k=int(np.diff(cu_seqlens_k).max()),
+            slot_mapping=self.to_device(np.concatenate(slot_mapping), torch.int32),
+            block_tables=self.block_tables_tensor(seqs))
+        return (self.to_device(input_ids, torch.int64), self.to_device(np.concatenate(positions), torch.int64),
+                context)
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        input_ids = [seq.last_token for seq in seqs]
+        positions = [len(seq) - 1 for seq in seqs]
+        slot_mapping = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                        for seq, p in zip(seqs, positions)]
+        context = dict(
+            is_prefill=False,
+            slot_mapping=self.to_device(slot_mapping, torch.int32),
+            context_lens=self.to_device([len(seq) for seq in seqs], torch.int32),
+            block_tables=self.block_tables_tensor(seqs))
+        return self.to_device(input_ids, torch.int64), self.to_device(positions, torch.int64), context
+
+    def prepare_sample(self, seqs: list[Sequence]) -> torch.Tensor:
+        return self.to_device([seq.temperature for seq in seqs], torch.float32)
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: dict,
+                  is_prefill: bool) -> torch.Tensor | None:
+        if not is_prefill and self.graphs is not None and self.graphs.fits(input_ids.shape[0], context):
+            return self.model.compute_logits(self.graphs.replay(input_ids, positions, context))
+        with forward_context(**context):
+            return self.model.compute_logits(self.model(input_ids, positions))
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        """One step for the scheduled sequences; rank 0 returns one sampled token id per sequence."""
+        prepared = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        temperatures = self.prepare_sample(seqs) if self.rank == 0 else None
+        logits = self.run_model(*prepared, is_prefill=is_prefill)
+        if self.rank != 0:
+            return None
+        return self.sampler(logits, temperatures).tolist()

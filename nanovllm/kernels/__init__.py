@@ -1,0 +1,1 @@
+"""Attention and KV-cache kernels: the torch reference and our Triton kernels."""

@@ -1,0 +1,389 @@
+"""Triton paged-attention kernels: KV-cache store, varlen causal prefill and split-K decode.
+
+Cache layout (per layer): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
+slot s lives at block s // block_size, offset s % block_size. Each function computes the same thing as
+its counterpart in torch_attention.py. All launches are free of host syncs; decode is CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr):
+    """int64 element offsets [TILE_N] of cache rows start + offs_n (same for K and V).
+
+    ONE_PAGE: the tile lies inside one page (BLOCK_SIZE % TILE_N == 0) -> one scalar block-table load.
+    Otherwise each token looks up its own page (masked beyond `limit`, so no out-of-range table reads).
+    """
+    if ONE_PAGE:
+        page = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
+        return page * stride_blk + ((start % BLOCK_SIZE) + offs_n).to(tl.int64) * stride_slot
+    else:
+        pos = start + offs_n
+        page = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < limit, other=0).to(tl.int64)
+        return page * stride_blk + (pos % BLOCK_SIZE).to(tl.int64) * stride_slot
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC: tl.constexpr):
+    """One online-softmax update with log2-domain scores qk [M, N] (masked entries = -inf)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked row: keep exp2 finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+# ----------------------------------------------------------------------------------------------
+# store_kvcache
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                          stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_cblk, stride_cslot, stride_ch,
+                          NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    offs_h = tl.arange(0, HEADS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_h < tl.where(slot >= 0, NUM_KV_HEADS, 0))[:, None]  # slot -1: store nothing
+    src_k = tok.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+    src_v = tok.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
+        + offs_h[:, None] * stride_ch + offs_d[None, :]
+    k = tl.load(key_ptr + src_k, mask=mask)
+    v = tl.load(value_ptr + src_v, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write key/value [N, num_kv_heads, head_dim] into cache slots slot_mapping [N]; slot -1 = skip."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if value.shape != key.shape or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"store_kvcache: key {tuple(key.shape)}, value {tuple(value.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)} do not match")
+    if num_tokens == 0:
+        return
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    _store_kvcache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill: varlen causal attention, K/V always read through the block table
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cblk, stride_cslot, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Tile = TOKENS query tokens x GROUP query heads (row r: token r // GROUP, head r % GROUP).
+    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) tiles first
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    k_len = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+    m_start = m_tile * TOKENS
+    shift = k_len - q_len  # bottom-right causal alignment
+
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    tok = m_start + offs_r // GROUP
+    head = kvh * GROUP + offs_r % GROUP
+    row_ok = (offs_r < TOKENS * GROUP) & (tok < q_len)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [ROWS, D]
+    q_pos = tok + shift  # last key each row may see
+
+    # Keys [0, n_full) are visible to every row: no masks. [n_full, n_end): causal + length masks.
+    active = m_start < q_len
+    n_end = tl.where(active, tl.minimum(k_len, tl.minimum(m_start + TOKENS, q_len) + shift), 0)
+    n_full = tl.minimum((tl.maximum(m_start + shift + 1, 0) // TILE_N) * TILE_N, n_end)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kvh * stride_ch
+    v_head = v_cache_ptr + kvh * stride_ch
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
+        rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :])
+        v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+    for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
+        pos = start + offs_n
+        kv_ok = (pos < k_len)[:, None]
+        rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _prefill_config(head_dim: int, elem_size: int, block_size: int, interpret: bool) -> dict:
+    """Rows per tile (query tokens x group heads), KV tile length, warps and pipeline depth."""
+    if interpret:
+        return dict(rows=64, tile_n=32, num_warps=4, num_stages=1)
+    if elem_size > 2:  # fp32: twice the shared memory per tile
+        return dict(rows=64, tile_n=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(rows=128, tile_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(rows=128, tile_n=64, num_warps=8, num_stages=3)
+    return dict(rows=64, tile_n=32, num_warps=8, num_stages=2)
+
+
+def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, block_table: torch.Tensor,
+                            softmax_scale: float, config: dict | None = None) -> torch.Tensor:
+    """Causal varlen prefill. q [total_q, H, D]; sequence i's keys are the first
+    cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens reached through block_table[i] (bottom-right causal).
+    `config` overrides the tile choice (benchmarks only)."""
+    total_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    group = _group_size(num_heads, num_kv_heads)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if block_table.dim() != 2 or block_table.shape[0] < num_seqs:
+        raise ValueError(f"block_table shape {tuple(block_table.shape)} does not cover {num_seqs} sequences")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if total_q == 0 or num_seqs == 0 or max_seqlen_q <= 0:
+        return out
+    cfg = config or _prefill_config(head_dim, q.element_size(), k_cache.shape[1], _interpreting(q))
+    rows = max(cfg["rows"], triton.next_power_of_2(group))
+    tokens = rows // group
+    block_size = k_cache.shape[1]
+    grid = (triton.cdiv(max_seqlen_q, tokens), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
+        TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
+        DOT_PREC=_dot_precision(q), num_warps=cfg["num_warps"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: split-K flash-decoding, split count chosen on the device
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N: tl.constexpr):
+    """(num_splits, tiles_per_split) for one sequence; no split is ever empty; >= 1 split."""
+    num_tiles = tl.cdiv(ctx_len, TILE_N)
+    want = tl.minimum(tl.maximum(num_tiles // min_split_tiles, 1), max_splits)
+    per_split = tl.maximum(tl.cdiv(num_tiles, want), 1)
+    num_splits = tl.maximum(tl.cdiv(num_tiles, per_split), 1)
+    return num_splits, per_split
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                   ctx_ptr, bt_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_ob, stride_oh,
+                   stride_cblk, stride_cslot, stride_ch, stride_bt,
+                   max_splits, min_split_tiles,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx_len = tl.load(ctx_ptr + b)
+    num_splits, per_split = _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N)
+    num_tiles = tl.cdiv(ctx_len, TILE_N)
+    tile_lo = tl.minimum(split * per_split, num_tiles)
+    tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+    offs_g = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded to >= 16 rows for tl.dot
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    g_ok = offs_g < GROUP
+    head = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kvh * stride_ch
+    v_head = v_cache_ptr + kvh * stride_ch
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
+        start = t * TILE_N
+        pos = start + offs_n
+        kv_ok = (pos < ctx_len)[:, None]
+        rows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context_len 0 -> zeros
+    # Scalar conditions folded into row limits: one split -> split 0 writes the output directly.
+    direct_rows = tl.where(num_splits == 1, tl.where(split == 0, GROUP, 0), 0)
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_g < direct_rows)[:, None])
+    # Partials: [B, H, max_splits, D] fp32 (normalized) and LSE [B, H, max_splits] in the log2 domain.
+    part_row = (b.to(tl.int64) * tl.num_programs(1) * GROUP + head) * max_splits + split
+    keep = offs_g < tl.where(num_splits > 1, tl.where(split < num_splits, GROUP, 0), 0)
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(part_o_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=keep[:, None])
+    tl.store(part_lse_ptr + part_row, lse, mask=keep)
+
+
+@triton.jit
+def _decode_merge_kernel(out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, stride_ob, stride_oh,
+                         max_splits, min_split_tiles,
+                         HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, TILE_N: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_splits, _ = _split_plan(tl.load(ctx_ptr + b), max_splits, min_split_tiles, TILE_N)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < tl.where(num_splits > 1, num_splits, 0)
+    base = (b.to(tl.int64) * tl.num_programs(1) + h) * max_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # masked splits -> weight 0
+    parts = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(num_splits > 1, HEAD_DIM, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> dict:
+    """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe)."""
+    batch = q.shape[0]
+    if _interpreting(q):
+        return dict(tile_n=32, num_warps=4, num_stages=1, max_splits=4, min_split_tiles=1)
+    sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    target = 4 * sms  # programs wanted in flight; more splits only when batch x kv_heads is short of it
+    max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
+    tile_n = 64 if head_dim <= 128 else 32
+    return dict(tile_n=tile_n, num_warps=4, num_stages=3 if q.element_size() <= 2 else 2,
+                max_splits=max_splits, min_split_tiles=4)
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            context_lens: torch.Tensor, block_table: torch.Tensor,
+                            softmax_scale: float, config: dict | None = None) -> torch.Tensor:
+    """Decode attention: q [B, H, D], one query per sequence over its context_lens[i] cached tokens
+    through block_table[i]. Rows with context length 0 give zeros. No host syncs: CUDA-graph safe.
+    `config` overrides the tile/split choice (benchmarks only)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    group = _group_size(num_heads, num_kv_heads)
+    if context_lens.shape != (batch,) or block_table.dim() != 2 or block_table.shape[0] < batch:
+        raise ValueError(f"decode: context_lens {tuple(context_lens.shape)} / block_table "
+                         f"{tuple(block_table.shape)} do not match batch {batch}")
+    q = _last_dim_contiguous(q)
+    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    cfg = config or _decode_config(q, num_kv_heads, head_dim)
+    max_splits = cfg["max_splits"]
+    if max_splits > 1:
+        part_o = torch.empty((batch, num_heads, max_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, max_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # never written: every row takes the direct path
+    block_size = k_cache.shape[1]
+    _decode_kernel[(batch, num_kv_heads, max_splits)](
+        q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        max_splits, cfg["min_split_tiles"],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
+        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), num_warps=cfg["num_warps"])
+    if max_splits > 1:
+        _decode_merge_kernel[(batch, num_heads)](
+            out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
+            max_splits, cfg["min_split_tiles"],
+            HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(max_splits), TILE_N=cfg["tile_n"],
+            num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Host helpers
+# ----------------------------------------------------------------------------------------------
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _group_size(num_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    return num_heads // num_kv_heads
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be "
+                         "[num_blocks, block_size, num_kv_heads, head_dim] with equal strides")
+    if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not match num_kv_heads {num_kv_heads}, "
+                         f"head_dim {head_dim} (last dim must be contiguous)")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")
