@@ -47,9 +47,11 @@ class ModelRunner:
         self.channel = None
         if self.world_size > 1:
             size = channel_size(config.max_num_batched_tokens, config.max_num_seqs, self.max_blocks_per_seq)
-            self.channel = ShmChannel(shm_name, size, create=rank == 0)
+            if rank == 0:
+                self.channel = ShmChannel(shm_name, size, create=True)
             dist.barrier()
             if rank > 0:
+                self.channel = ShmChannel(shm_name)
                 self.loop()
 
     # -- setup --------------------------------------------------------------------------------------------
