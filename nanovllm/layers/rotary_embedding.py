@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from nanovllm.utils.compile import compile_on_cuda
+
 
 def rope_theta_of(hf_config) -> float:
     params = getattr(hf_config, "rope_parameters", None) or {}
@@ -12,6 +14,20 @@ def rope_theta_of(hf_config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    rotated = torch.cat([-x2, x1], -1)
+    return (x * torch.cat([cos, cos], -1) + rotated * torch.cat([sin, sin], -1)).to(x.dtype)
+
+
+@compile_on_cuda
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, H, D], k [N, H_kv, D] rotated by their token positions [N]."""
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, -1)  # [N, 1, D/2] each
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_size: int, max_position: int, base: float) -> None:
         super().__init__()
@@ -19,12 +35,5 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)  # [P, D/2]
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, -1)
-        rotated = torch.cat([-x2, x1], -1)
-        return (x * torch.cat([cos, cos], -1) + rotated * torch.cat([sin, sin], -1)).to(x.dtype)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [N, H, D], k [N, H_kv, D] rotated by their token positions [N]."""
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, -1)  # [N, 1, D/2] each
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        return apply_rotary(positions, q, k, self.cos_sin_cache)
