@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in the CPU interpreter; this must be set before anything imports
+# triton (transformers does), or triton's builtins bind in compiled mode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from checkpoints import make_checkpoint  # noqa: E402

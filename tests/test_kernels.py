@@ -4,6 +4,8 @@ Without CUDA every kernel runs in the Triton CPU interpreter (tiny shapes, fp32/
 run bf16 at realistic shapes on a CUDA device, plus a CUDA-graph capture/replay of decode.
 """
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -11,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
 import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from nanovllm.kernels.torch_attention import (  # noqa: E402
     decode_attention_torch, store_kvcache_torch, varlen_attention_torch)
@@ -20,6 +24,11 @@ from nanovllm.kernels.triton_attention import (  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
+# Triton's own helpers (tl.zeros, tl.sum, ...) are @jit code bound at triton's first import: the interpreter
+# works only if TRITON_INTERPRET was set before that (a conftest importing transformers imports triton first).
+INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
+interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
+                            "test_kernels_in_fresh_process runs these")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 NAN = float("nan")
 
@@ -138,6 +147,7 @@ def check_decode(ctx_lens: list[int], num_heads: int, num_kv_heads: int, head_di
 SMALL_DTYPES = [torch.float32, torch.float16]
 
 
+@interp
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_store_kvcache_skips_padding(dtype, index_dtype):
@@ -160,6 +170,7 @@ def test_store_kvcache_skips_padding(dtype, index_dtype):
     assert torch.isnan(k_cache.view(-1, num_kv_heads, head_dim)[~written]).all(), "untouched slots changed"
 
 
+@interp
 def test_store_kvcache_casts_to_cache_dtype():
     gen = torch.Generator().manual_seed(12)
     k_cache = torch.full((2, 16, 2, 16), NAN, dtype=torch.float16, device=DEV)
@@ -182,6 +193,7 @@ PREFILL_CASES = [  # (q_lens, k_lens, num_heads, num_kv_heads, head_dim, block_s
 ]
 
 
+@interp
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
 def test_prefill_matches_reference(case, dtype):
@@ -200,6 +212,7 @@ DECODE_CASES = [  # (ctx_lens, num_heads, num_kv_heads, head_dim, block_size, co
 ]
 
 
+@interp
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 def test_decode_matches_reference(case, dtype):
@@ -208,10 +221,12 @@ def test_decode_matches_reference(case, dtype):
                  seed=200 + 10 * case + (dtype == torch.float16), config=config)
 
 
+@interp
 def test_decode_all_rows_padded():
     check_decode([0, 0, 0], 4, 2, 32, 16, torch.float32, seed=300)
 
 
+@interp
 def test_bad_shapes_raise_value_error():
     cache = torch.zeros(2, 16, 2, 32, device=DEV)
     with pytest.raises(ValueError):
@@ -221,6 +236,17 @@ def test_bad_shapes_raise_value_error():
     with pytest.raises(ValueError):
         store_kvcache(torch.zeros(1, 2, 24, device=DEV), torch.zeros(1, 2, 24, device=DEV),
                       cache[..., :24], cache[..., :24], torch.zeros(1, dtype=torch.int32, device=DEV))
+
+
+@pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+def test_kernels_in_fresh_process():
+    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,208 @@
+"""Microbenchmark of the Triton attention kernels (not a test). Needs a CUDA GPU.
+
+Decode: bandwidth = bytes that must move (K/V of every context token once, plus q and out) / median time,
+also as a fraction of the measured device-to-device copy bandwidth. Prefill: causal TFLOP/s.
+Shapes: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128, bf16), block size 256.
+
+    python3 benchmarks/attention_bench.py            # default kernel configs, markdown table last
+    python3 benchmarks/attention_bench.py --sweep    # also try several tile/warp/stage/split configs
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm.kernels import triton_attention as ta  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 256, torch.bfloat16
+BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096)
+L2_BYTES = 50 << 20
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 1 GiB bf16 device-to-device copy."""
+    x = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+class DecodeInputs:
+    """One big random cache; each input set is a random table of distinct blocks (rotated past L2)."""
+
+    def __init__(self, max_blocks: int):
+        shape = (max_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+        self.k = torch.randn(shape, dtype=DTYPE, device="cuda")
+        self.v = torch.randn(shape, dtype=DTYPE, device="cuda")
+        self.num_blocks = max_blocks
+
+    def sets(self, batch: int, ctx: int) -> list[tuple]:
+        width = triton.cdiv(ctx, BLOCK_SIZE)
+        set_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
+        n_sets = max(2, min(64, triton.cdiv(4 * L2_BYTES, set_bytes)))
+        ctx_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        out = []
+        for _ in range(n_sets):
+            table = torch.randperm(self.num_blocks, device="cuda")[:batch * width].view(batch, width)
+            q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            out.append((q, ctx_lens, table.to(torch.int32).contiguous()))
+        return out
+
+
+def decode_bytes(batch: int, ctx: int) -> int:
+    return batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * batch * HEADS * HEAD_DIM * 2
+
+
+def _decode_call(inputs: DecodeInputs, config: dict | None):
+    scale = HEAD_DIM ** -0.5
+    return lambda q, ctx_lens, table: ta.decode_attention_triton(q, inputs.k, inputs.v, ctx_lens, table, scale,
+                                                                 config=config)
+
+
+def time_decode(inputs: DecodeInputs, batch: int, ctx: int, config: dict | None) -> float:
+    """Median ms of one eager decode_attention_triton call (Python launch cost included), rotating sets."""
+    sets, call = itertools.cycle(inputs.sets(batch, ctx)), _decode_call(inputs, config)
+    return do_bench(lambda: call(*next(sets)), warmup=25, rep=150, return_mode="median")
+
+
+def time_decode_graph(inputs: DecodeInputs, batch: int, ctx: int, config: dict | None) -> float:
+    """Median ms per call inside a CUDA graph that runs one call per input set (as the engine replays)."""
+    sets, call = inputs.sets(batch, ctx), _decode_call(inputs, config)
+    for s in sets[:1]:
+        call(*s)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for s in sets:
+            call(*s)
+    ms = do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+    del graph
+    return ms / len(sets)
+
+
+def decode_error(inputs: DecodeInputs, batch: int, ctx: int, config: dict) -> float:
+    """Max abs difference of a config's output vs the default config (which the tests verify)."""
+    s = inputs.sets(batch, ctx)[0]
+    return (_decode_call(inputs, config)(*s).float() - _decode_call(inputs, None)(*s).float()).abs().max().item()
+
+
+def default_decode_config(batch: int) -> dict:
+    q = torch.empty(batch, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    return ta._decode_config(q, KV_HEADS, HEAD_DIM)
+
+
+def split_cap(batch: int, waves: int) -> int:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return min(32, triton.next_power_of_2(triton.cdiv(waves * sms, batch * KV_HEADS)))
+
+
+def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
+    points = [(256, 1024), (64, 1024), (64, 4096), (16, 4096), (64, 512), (1, 4096)]
+    variants = [dict(tile_n=t, num_warps=w, num_stages=st, waves=2, min_split_tiles=4)
+                for t, w, st in [(64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 3), (128, 4, 2), (128, 8, 2),
+                                 (64, 2, 2)]]
+    variants += [dict(tile_n=64, num_warps=4, num_stages=2, waves=w, min_split_tiles=m)
+                 for w, m in [(1, 4), (4, 4), (8, 4), (2, 2), (2, 8), (8, 2)]]
+    print("\n## decode sweep (CUDA graph; fraction of copy bandwidth; max |diff| vs default config)")
+    print("| tile_n | warps | stages | waves | min_split_tiles | " + " | ".join(f"{b}x{c}" for b, c in points)
+          + " | max diff |")
+    print("|" + "---|" * (6 + len(points)))
+    for v in variants:
+        cells, err = [], 0.0
+        for batch, ctx in points:
+            cfg = dict(tile_n=v["tile_n"], num_warps=v["num_warps"], num_stages=v["num_stages"],
+                       max_splits=split_cap(batch, v["waves"]), min_split_tiles=v["min_split_tiles"])
+            try:
+                ms = time_decode_graph(inputs, batch, ctx, cfg)
+                cells.append(f"{decode_bytes(batch, ctx) / (ms * 1e-3) / copy_bw:.1%}")
+                err = max(err, decode_error(inputs, batch, ctx, cfg))
+            except Exception as exc:  # e.g. out of shared memory for one config
+                cells.append(f"err {type(exc).__name__}")
+        print(f"| {v['tile_n']} | {v['num_warps']} | {v['num_stages']} | {v['waves']} | {v['min_split_tiles']} | "
+              + " | ".join(cells) + f" | {err:.1e} |", flush=True)
+
+
+def prefill_inputs(num_seqs: int, seqlen: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    width = triton.cdiv(seqlen, BLOCK_SIZE)
+    k = torch.randn(num_seqs * width, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    v = torch.randn_like(k)
+    q = torch.randn(num_seqs * seqlen, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    table = torch.randperm(num_seqs * width, device="cuda").view(num_seqs, width).to(torch.int32)
+    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seqlen
+    return q, k, v, cu, table
+
+
+def time_prefill(num_seqs: int, seqlen: int, config: dict | None) -> tuple[float, float, float]:
+    """(ms, TFLOP/s, max |diff| vs default config) of causal prefill; FLOPs of the unmasked half only."""
+    q, k, v, cu, table = prefill_inputs(num_seqs, seqlen)
+    fn = lambda cfg: ta.varlen_attention_triton(q, k, v, cu, cu, seqlen, seqlen, table,  # noqa: E731
+                                                HEAD_DIM ** -0.5, config=cfg)
+    ms = do_bench(lambda: fn(config), warmup=25, rep=150, return_mode="median")
+    err = (fn(config).float() - fn(None).float()).abs().max().item()
+    flops = 4 * num_seqs * HEADS * HEAD_DIM * seqlen * (seqlen + 1) / 2
+    return ms, flops / (ms * 1e-3) / 1e12, err
+
+
+def sweep_prefill() -> None:
+    shapes = [(8, 1024), (4, 4096), (64, 256)]
+    print("\n## prefill sweep (TFLOP/s; max |diff| vs default config)")
+    print("| rows | tile_n | warps | stages | " + " | ".join(f"{n}x{s}" for n, s in shapes) + " | max diff |")
+    print("|" + "---|" * (5 + len(shapes)))
+    for rows, tile_n, warps, stages in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+                                        (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 4),
+                                        (128, 64, 4, 2), (64, 128, 8, 2)]:
+        cfg = dict(rows=rows, tile_n=tile_n, num_warps=warps, num_stages=stages)
+        cells, err = [], 0.0
+        for n, s in shapes:
+            try:
+                _, tflops, e = time_prefill(n, s, cfg)
+                cells.append(f"{tflops:.0f}")
+                err = max(err, e)
+            except Exception as exc:
+                cells.append(f"err {type(exc).__name__}")
+        print(f"| {rows} | {tile_n} | {warps} | {stages} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also try several kernel configs")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    max_blocks = max(b * triton.cdiv(c, BLOCK_SIZE) for b in BATCHES for c in CONTEXTS) * 2
+    inputs = DecodeInputs(max_blocks)
+    if args.sweep:
+        sweep_decode(inputs, copy_bw)
+        sweep_prefill()
+
+    rows = []
+    for batch, ctx in itertools.product(BATCHES, CONTEXTS):
+        graph_ms = time_decode_graph(inputs, batch, ctx, None)
+        eager_ms = time_decode(inputs, batch, ctx, None)
+        bw = decode_bytes(batch, ctx) / (graph_ms * 1e-3)
+        rows.append((batch, ctx, default_decode_config(batch)["max_splits"], graph_ms * 1e3, eager_ms * 1e3,
+                     bw / 1e12, bw / copy_bw))
+    prefill = [(n, s, *time_prefill(n, s, None)[:2]) for n, s in [(8, 1024), (4, 4096), (64, 256)]]
+
+    print("\n## Prefill (causal, bf16, Qwen3-0.6B heads)\n| seqs x tokens | time (us) | TFLOP/s |\n|---|---|---|")
+    for n, s, ms, tflops in prefill:
+        print(f"| {n} x {s} | {ms * 1e3:.0f} | {tflops:.0f} |")
+    print(f"\n## Decode (bf16, 16/8 heads, head_dim 128, block 256; copy bw {copy_bw / 1e12:.2f} TB/s)")
+    print("time per call inside a CUDA graph (bandwidth from it) and eager (one call, Python launch included)")
+    print("| batch | context | split cap | graph (us) | eager (us) | TB/s | % of copy bw |\n|---|---|---|---|---|---|---|")
+    for batch, ctx, cap, g_us, e_us, tbs, frac in rows:
+        print(f"| {batch} | {ctx} | {cap} | {g_us:.1f} | {e_us:.1f} | {tbs:.2f} | {frac:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
