@@ -1,15 +1,68 @@
 from dataclasses import dataclass
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings. temperature 0 means greedy decoding."""
+    """Per-request sampling settings, with vLLM's meanings.
+
+    temperature: 0 = greedy. top_k: keep the k most likely tokens (0 or -1 = off). top_p: keep the smallest
+    set of most likely tokens whose probability reaches top_p, including the token that crosses it (1 = off).
+    min_p: drop tokens less likely than min_p times the most likely one (0 = off). Filters apply in vLLM's
+    order: temperature, min_p, top_k, top_p. seed: per-request reproducible sampling, independent of the batch
+    (any int, taken modulo 2**64); None draws from the global torch RNG. stop: strings that end the completion;
+    the text stops before the first one and excludes it, while token_ids keep every generated token up to and
+    including the one that completed it (as vLLM). stop_token_ids: token ids that end the completion (kept in
+    token_ids, like EOS). min_tokens: EOS and stop_token_ids are masked out of sampling, and no stop applies,
+    until this many tokens are generated. ignore_eos: EOS does not stop (stop_token_ids still do).
+    """
     temperature: float = 1.0
     max_tokens: int = 64
     ignore_eos: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not _is_number(self.temperature) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        self.stop = self._check_stop(self.stop)
+        self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+
+    @staticmethod
+    def _check_stop(stop) -> list[str]:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
+        return list(stops)
+
+    @staticmethod
+    def _check_stop_token_ids(ids) -> list[int]:
+        ids = [] if ids is None else ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}")
+        return list(ids)

@@ -11,7 +11,8 @@ from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CudaGraphRunner
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.shm_channel import ShmChannel, channel_size
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingTensors
+from nanovllm.layers.sampling_rng import seed_to_int64
 from nanovllm.models import MODEL_REGISTRY
 from nanovllm.utils.context import forward_context
 from nanovllm.utils.loader import load_model
@@ -174,13 +175,16 @@ class ModelRunner:
                 event.set()
         return getattr(self, method)(*args)
 
-    def exit(self) -> None:
+    def exit(self, collective: bool = True) -> None:
+        """Free the cache, close (rank 0: unlink) the channel, destroy the process group. collective=False
+        skips the barrier, for rank 0 cleaning up after a dead worker."""
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
         self._free_kv_cache()
         if self.world_size > 1:
-            dist.barrier()
+            if collective:
+                dist.barrier()
             if self.channel is not None:
                 self.channel.close()
             dist.destroy_process_group()
@@ -240,8 +244,38 @@ class ModelRunner:
             block_tables=self.block_tables_tensor(seqs))
         return self.to_device(input_ids, torch.int64), self.to_device(positions, torch.int64), context
 
-    def prepare_sample(self, seqs: list[Sequence]) -> torch.Tensor:
-        return self.to_device([seq.temperature for seq in seqs], torch.float32)
+    def prepare_sample(self, seqs: list[Sequence]) -> SamplingTensors:
+        """Per-row sampling parameters as tensors, on rank 0 only (workers' Sequences carry no
+        sampling_params); the rarely used ones are built only when some sampled row needs them."""
+        params = [seq.sampling_params for seq in seqs]
+        sampled = [p for p in params if p.temperature > 0]
+        floats = self.to_device([[p.temperature for p in params], [p.top_p for p in params],
+                                 [p.min_p for p in params]], torch.float32)
+        use_sort = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
+        seeded = [(i, seed_to_int64(p.seed), len(seq)) for i, (seq, p) in enumerate(zip(seqs, params))
+                  if p.seed is not None and p.temperature > 0]  # position: index of the token sampled
+        banned = [(i, t) for i, seq in enumerate(seqs) for t in self.banned_tokens(seq)]
+        return SamplingTensors(
+            temperatures=floats[0],
+            top_k=self.to_device([p.top_k for p in params], torch.int64) if use_sort else None,
+            top_p=floats[1] if use_sort else None,
+            min_p=floats[2] if any(p.min_p > 0 for p in sampled) else None,
+            seeds=self.index_rows(seeded), banned=self.index_rows(banned),
+            all_greedy=not sampled, all_seeded=len(seeded) == len(sampled))
+
+    def banned_tokens(self, seq: Sequence) -> list[int]:
+        """Token ids seq may not sample yet: EOS (unless ignore_eos) and stop_token_ids before min_tokens."""
+        sp = seq.sampling_params
+        if seq.num_completion_tokens >= sp.min_tokens:
+            return []
+        eos = [self.config.eos] if not sp.ignore_eos and self.config.eos >= 0 else []
+        return sp.stop_token_ids + eos
+
+    def index_rows(self, rows: list[tuple[int, ...]]) -> torch.Tensor | None:
+        """A list of equal-length int tuples as a [fields, len] int64 tensor, or None when empty."""
+        if not rows:
+            return None
+        return self.to_device(np.ascontiguousarray(np.array(rows, dtype=np.int64).T), torch.int64)
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: dict,
@@ -254,8 +288,8 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
         """One step for the scheduled sequences; rank 0 returns one sampled token id per sequence."""
         prepared = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        temperatures = self.prepare_sample(seqs) if self.rank == 0 else None
+        sampling = self.prepare_sample(seqs) if self.rank == 0 else None
         logits = self.run_model(*prepared, is_prefill=is_prefill)
         if self.rank != 0:
             return None
-        return self.sampler(logits, temperatures).tolist()
+        return self.sampler(logits, sampling).tolist()

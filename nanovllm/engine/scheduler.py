@@ -1,4 +1,5 @@
 from collections import deque
+from collections.abc import Callable
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -8,8 +9,10 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Decides what each step computes; a step is either all-prefill or all-decode."""
 
-    def __init__(self, config: Config, num_kvcache_blocks: int) -> None:
+    def __init__(self, config: Config, num_kvcache_blocks: int,
+                 stop_checker: Callable[[Sequence], bool] | None = None) -> None:
         self.max_num_seqs = config.max_num_seqs
+        self.stop_checker = stop_checker  # stop strings: True when seq's newest token completed one
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.eos = config.eos
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size)
@@ -96,15 +99,30 @@ class Scheduler:
             if not sampled:
                 continue
             seq.append_token(token_id)
-            if self._reached_stop(seq, token_id):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def _reached_stop(self, seq: Sequence, token_id: int) -> bool:
-        return (not seq.ignore_eos and token_id == self.eos) or seq.num_completion_tokens >= seq.max_tokens
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """The reason seq finishes after token_id, or None: "stop" for EOS (unless ignore_eos), a stop token id
+        or a stop string once min_tokens are generated (a stop wins over the length limit in the same step);
+        "length" at max_tokens."""
+        sp = seq.sampling_params
+        if seq.num_completion_tokens >= sp.min_tokens and (
+                token_id in sp.stop_token_ids or (not seq.ignore_eos and token_id == self.eos)):
+            return "stop"
+        if sp.stop and self.stop_checker is not None and self.stop_checker(seq):  # keeps its state current
+            return "stop"
+        return "length" if seq.num_completion_tokens >= seq.max_tokens else None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a running sequence finished and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop sequences whose step failed; their blocks' contents are not trusted, so forget hashes."""

@@ -37,6 +37,9 @@ class Sequence:
         self.temperature = sampling_params.temperature
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
+        self.finish_reason: str | None = None  # "stop" or "length" once finished (rank 0)
+        self.output_text: str | None = None    # completion text cut before a matched stop string (rank 0)
+        self.stop_state = None                 # incremental detokenisation for stop strings (rank 0)
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -98,6 +101,7 @@ class Sequence:
         state["token_ids"] = self.token_ids[start:start + self.num_scheduled_tokens]
         state["token_offset"] = start
         del state["sampling_params"]
+        state.pop("stop_state", None)  # rank 0 bookkeeping, not needed by workers
         return state
 
     def __setstate__(self, state) -> None:

@@ -1,16 +1,89 @@
+"""Batched sampling: one row of logits and one set of parameters per sequence, no per-sequence Python loop
+and no host sync (the caller's final `.tolist()` aside). Order, as vLLM: min_tokens ban, temperature, min_p,
+top_k, top_p, then the exponential trick (argmax of probs / Exp(1) noise) with global or seeded noise."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from nanovllm.layers.sampling_rng import seeded_exponential
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on the logits' device; the flags are host-side, so fast paths cost no sync."""
+    temperatures: torch.Tensor           # [B] float32, 0 = greedy
+    top_k: torch.Tensor | None = None    # [B] int64, <= 0 = off; None (with top_p) when no row needs the sort
+    top_p: torch.Tensor | None = None    # [B] float32, 1 = off
+    min_p: torch.Tensor | None = None    # [B] float32, 0 = off; None when no row uses it
+    seeds: torch.Tensor | None = None    # [3, S] int64: row, seed, position sampled; None when no seeded row
+    banned: torch.Tensor | None = None   # [2, M] int64: row, token id masked out (min_tokens)
+    all_greedy: bool = False             # every row has temperature 0
+    all_seeded: bool = False             # every sampled (non-greedy) row is seeded: skip the global RNG
+
+
+def ban_tokens(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    return logits.index_put((banned[0], banned[1]), logits.new_full((), NEG_INF))
+
+
+def apply_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures))
+    return logits / temps.unsqueeze(1)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with p < min_p * p_max, i.e. logit < max logit + log(min_p) (min_p 0 keeps all)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(logits < threshold, NEG_INF)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """One descending sort: keep ranks < k, then (on the renormalised top-k) the tokens whose more likely
+    tokens sum to < top_p, so the one crossing top_p stays."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab_size, device=logits.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab_size))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+    drop = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter_(-1, order, sorted_logits)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    logits = apply_temperature(logits, params.temperatures)
+    if params.min_p is not None:
+        logits = apply_min_p(logits, params.min_p)
+    if params.top_k is not None:
+        logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
+    return logits.softmax(dim=-1)
+
+
+def exponential_noise(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Exp(1) noise: the global torch RNG for unseeded rows, the counter hash for seeded ones."""
+    noise = torch.ones_like(probs) if params.all_seeded else torch.empty_like(probs).exponential_()
+    if params.seeds is not None:
+        rows, seeds, positions = params.seeds
+        noise.index_copy_(0, rows, seeded_exponential(seeds, positions, probs.shape[-1]))
+    return noise.clamp_(min=1e-10)
+
 
 class Sampler(nn.Module):
-    """Temperature sampling by the exponential trick (argmax of probs / Exp(1) noise); temperature 0 is
-    greedy. Batched: one row of logits and one temperature per sequence."""
+    """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits)."""
 
-    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, params: SamplingTensors | torch.Tensor) -> torch.Tensor:
+        if isinstance(params, torch.Tensor):  # temperatures only
+            params = SamplingTensors(params)
         logits = logits.float()
+        if params.banned is not None:
+            logits = ban_tokens(logits, params.banned)
         greedy = logits.argmax(dim=-1)
-        temps = temperatures.unsqueeze(1)
-        probs = torch.softmax(logits / temps.clamp(min=1e-5), dim=-1)
-        noise = torch.empty_like(probs).exponential_(1).clamp_(min=1e-10)
-        sampled = probs.div_(noise).argmax(dim=-1)
-        return torch.where(temperatures == 0, greedy, sampled)
+        if params.all_greedy:
+            return greedy
+        probs = filtered_probs(logits, params)
+        sampled = probs.div_(exponential_noise(probs, params)).argmax(dim=-1)
+        return torch.where(params.temperatures == 0, greedy, sampled)

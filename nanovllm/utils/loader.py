@@ -52,7 +52,10 @@ def load_model(model: nn.Module, path: str) -> None:
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 tensor = f.get_tensor(name)
-                loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+                try:
+                    loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+                except ValueError as e:  # name the tensor: the layer's message only has shapes
+                    raise ValueError(f"checkpoint tensor {name!r} in {os.path.basename(file)}: {e}") from e
                 loaded[param_name].add(shard_id)
     if homeless:
         raise ValueError(f"checkpoint tensors with no matching model parameter: {homeless[:8]}"
