@@ -51,7 +51,7 @@ def test_tiny_float32_equals_hf(tiny_model, tiny_hf, enforce_eager):
 def qwen3_0_6b(tmp_path_factory):
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from random_checkpoint import build_qwen3_0_6b
-    path = os.environ.get("NANOVLLM_TEST_0_6B") or str(tmp_path_factory.mktemp("qwen3-0.6b"))
+    path = os.environ.get("NANOVLLM_TEST_0_6B") or str(tmp_path_factory.mktemp("qwen3") / "ckpt")
     return build_qwen3_0_6b(path)
 
 
