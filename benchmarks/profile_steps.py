@@ -45,7 +45,9 @@ def instrument(llm) -> dict:
         stats[kind["k"] + ".steps"] += 1
         return seqs, is_prefill
     llm.scheduler.schedule = schedule_and_tag
-    for name, obj in (("run", llm.model_runner), ("postprocess", llm.scheduler)):
+    runner = llm.model_runner
+    for name, obj in (("run", runner), ("postprocess", llm.scheduler), ("prepare_prefill", runner),
+                      ("prepare_decode", runner), ("prepare_sample", runner), ("run_model", runner)):
         fn = getattr(obj, name)
         setattr(obj, name, lambda *a, _fn=fn, _n=name, **k: timed(stats, kind["k"] + "." + _n, _fn)(*a, **k))
     return stats
@@ -89,12 +91,15 @@ def main() -> None:
     total = time.perf_counter() - t
     tokens = sum(len(o["token_ids"]) for o in outs)
     print(f"workload: {tokens} tokens in {total:.2f}s = {tokens / total:.0f} tok/s")
-    print("| phase | steps | schedule s | run s | postprocess s | ms/step |")
-    print("|---|---|---|---|---|---|")
+    print("host ms per step; run = prepare + forward launch (run_model) + sampling + wait for the GPU")
+    print("| phase | steps | schedule | prepare | prepare_sample | run_model | run | postprocess | total |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in ("prefill", "decode"):
-        n = stats[k + ".steps"]
-        s, r, pp = stats[k + ".schedule"], stats[k + ".run"], stats[k + ".postprocess"]
-        print(f"| {k} | {n:.0f} | {s:.2f} | {r:.2f} | {pp:.2f} | {1e3 * (s + r + pp) / max(n, 1):.2f} |")
+        n = max(stats[k + ".steps"], 1)
+        row = [stats[f"{k}.{x}"] * 1e3 / n for x in ("schedule", "prepare_" + k, "prepare_sample", "run_model",
+                                                      "run", "postprocess")]
+        total = row[0] + row[4] + row[5]
+        print(f"| {k} | {n:.0f} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {total:.2f} |")
     # full-batch decode kernel breakdown: fresh requests, past their prefill
     llm.generate(prompts[:1], params[:1], use_tqdm=False)
     for prompt, sp in zip(prompts, params):

@@ -218,6 +218,18 @@ def test_can_allocate_counts_free_hits_as_taking_free_blocks():
     assert c.block_table == [0, 1, 3]
 
 
+def test_can_allocate_false_when_free_hits_leave_too_few_blocks():
+    """Free blocks hit by the prefix cache are not extra capacity: a sequence whose hits are all free
+    still needs a free block for every block it holds."""
+    bm = BlockManager(3, BS)
+    a = admit(bm, range(8))                     # blocks 0, 1, both hashed
+    other = admit(bm, range(50, 53))            # block 2
+    bm.deallocate(a)                            # 0 and 1 free, still hashed
+    b = seq_of(list(range(8)) + [40])           # hits 0 and 1, needs a third block: none left
+    assert bm.num_free_blocks == 2 and other.block_table == [2]
+    assert not bm.can_allocate(b)
+
+
 def test_fully_cached_prompt_still_computes_last_block():
     """Upstream #114: a prompt that is an exact multiple of the block size, submitted twice, must not be
     fully cached — the block holding its last token is recomputed, so at least one token is computed."""

@@ -73,7 +73,7 @@ def test_from_kwargs_accepts_known_keywords(tiny_model):
 @pytest.mark.parametrize("tp", [0, 9, -1])
 def test_tensor_parallel_size_outside_1_to_8_rejected(tiny_model, tp):
     """tensor_parallel_size must be in 1..8; the message names the value."""
-    with pytest.raises(ValueError, match=f"tensor_parallel_size.*{tp}"):
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size.*1\.\.8.*{tp}"):
         Config(tiny_model, tensor_parallel_size=tp)
 
 

@@ -485,17 +485,18 @@ def workloads(draw):
 
 
 @pytest.fixture(scope="module")
-def property_stats():
+def property_stats(request):
+    """Coverage of the property test: it must really reach thousands of steps, preemption, prefix hits and
+    chunking (checked only when it passed, so a failure is not reported twice)."""
     stats = Counter()
+    failed_before = request.session.testsfailed
     yield stats
-    print("PROPSTATS", dict(stats))
-    # The property test is meant to cover thousands of steps with preemption and prefix hits in total.
-    assert stats["steps"] >= 2000, stats
-    assert stats["preempted"] > 0 and stats["prefix_hit_tokens"] > 0 and stats["chunked"] > 0, stats
+    if request.session.testsfailed == failed_before:
+        assert stats["steps"] >= 2000, stats
+        assert stats["preempted"] > 0 and stats["prefix_hit_tokens"] > 0 and stats["chunked"] > 0, stats
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads())
 def test_random_workloads_keep_block_pool_consistent(tiny_model, property_stats, workload):
     """Drive the scheduler with random workloads (shared prefixes, identical prompts, block-multiple lengths,

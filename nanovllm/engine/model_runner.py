@@ -233,16 +233,23 @@ class ModelRunner:
                 context)
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        input_ids = [seq.last_token for seq in seqs]
-        positions = [len(seq) - 1 for seq in seqs]
-        slot_mapping = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                        for seq, p in zip(seqs, positions)]
-        context = dict(
-            is_prefill=False,
-            slot_mapping=self.to_device(slot_mapping, torch.int32),
-            context_lens=self.to_device([len(seq) for seq in seqs], torch.int32),
-            block_tables=self.block_tables_tensor(seqs))
-        return self.to_device(input_ids, torch.int64), self.to_device(positions, torch.int64), context
+        """One token per sequence: its last token at position len - 1. All int32 fields travel to the device
+        in one copy: [input_ids | positions | slot_mapping | context_lens | block_tables (row-major)]."""
+        n, bs = len(seqs), self.block_size
+        width = max(len(seq.block_table) for seq in seqs)
+        host = np.full(4 * n + n * width, -1, dtype=np.int32)
+        fields = host[:4 * n].reshape(4, n)  # [4, n] views: ids, positions, slots, context lens
+        fields[0] = [seq.last_token for seq in seqs]
+        fields[3] = [seq.num_tokens for seq in seqs]
+        fields[1] = fields[3] - 1
+        tables = host[4 * n:].reshape(n, width)
+        for i, seq in enumerate(seqs):
+            tables[i, :len(seq.block_table)] = seq.block_table
+        fields[2] = tables[np.arange(n), fields[1] // bs] * bs + fields[1] % bs
+        dev = self.to_device(host, torch.int32)
+        context = dict(is_prefill=False, slot_mapping=dev[2 * n:3 * n], context_lens=dev[3 * n:4 * n],
+                       block_tables=dev[4 * n:].view(n, width))
+        return dev[:n], dev[n:2 * n], context
 
     def prepare_sample(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling parameters as tensors, on rank 0 only (workers' Sequences carry no

@@ -97,7 +97,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 # Prefill: varlen causal attention, K/V always read through the block table
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # block-table width changes every step: compile once
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cblk, stride_cslot, stride_ch, stride_bt,
@@ -218,7 +218,7 @@ def _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N: tl.constexpr):
     return num_splits, per_split
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "max_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    ctx_ptr, bt_ptr, qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh,
