@@ -19,6 +19,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from benchmarks.random_checkpoint import build_qwen3_0_6b  # noqa: E402
+from benchmarks.teacher_forced import teacher_forced_gaps  # noqa: E402
 
 DEFAULT_MODEL = "/tmp/nanovllm-random-qwen3-0.6b"
 
@@ -68,15 +69,6 @@ def run_engine(path: str, tp: int, prompts: list[list[int]], max_tokens: int,
     gc.collect()
     torch.cuda.empty_cache()
     return [o["token_ids"] for o in outputs], seconds
-
-
-def teacher_forced_gaps(hf, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """HF's best logit minus HF's logit of each token we chose, position by position."""
-    ids = torch.tensor([prompt + completion], device="cuda")
-    with torch.no_grad():
-        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()  # [len(completion), vocab]
-    chosen = logits.gather(1, torch.tensor(completion, device="cuda")[:, None])[:, 0]
-    return logits.max(-1).values - chosen
 
 
 def check(hf, tp: int, prompts: list[list[int]], outputs: list[list[int]], reference: list[list[int]],

@@ -8,8 +8,12 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 
-pytestmark = pytest.mark.gpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from random_checkpoint import build_qwen3_0_6b  # noqa: E402
+from teacher_forced import teacher_forced_gaps  # noqa: E402
+
+pytestmark = pytest.mark.gpu
 MARGIN = 0.25  # bf16: a greedy token may trail HF's best logit by at most this much
 
 
@@ -49,8 +53,6 @@ def test_tiny_float32_equals_hf(tiny_model, tiny_hf, enforce_eager):
 
 @pytest.fixture(scope="module")
 def qwen3_0_6b(tmp_path_factory):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from random_checkpoint import build_qwen3_0_6b
     path = os.environ.get("NANOVLLM_TEST_0_6B") or str(tmp_path_factory.mktemp("qwen3") / "ckpt")
     return build_qwen3_0_6b(path)
 
@@ -60,15 +62,6 @@ def big_hf(qwen3_0_6b):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(qwen3_0_6b, dtype=torch.bfloat16,
                                                 attn_implementation="sdpa").cuda().eval()
-
-
-def teacher_forced_gaps(hf, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """HF's best logit minus HF's logit of each token we chose, position by position."""
-    ids = torch.tensor([prompt + completion], device="cuda")
-    with torch.no_grad():
-        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()  # [len(completion), vocab]
-    chosen = logits.gather(1, torch.tensor(completion, device="cuda")[:, None])[:, 0]
-    return logits.max(-1).values - chosen
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
