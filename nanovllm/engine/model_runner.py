@@ -1,7 +1,12 @@
 """Runs the model on one tensor-parallel rank. Rank 0 drives: it sends each call to the workers over
-shared memory, runs its own shard, and alone samples."""
-import multiprocessing.synchronize
+shared memory (woken through a pipe per worker), runs its own shard, and alone samples."""
+import os
+import signal
 import socket
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
@@ -19,6 +24,12 @@ from nanovllm.utils.loader import load_model
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default KV budget on CPU when num_kvcache_blocks is not given
 CPU_MAX_BLOCKS = 8192
+# A collective that waits longer than this raises instead of hanging. Gloo notices a dead peer at once (closed
+# socket); NCCL does not: a rank blocked on a dead peer waits this long, then the NCCL watchdog aborts the
+# communicator and (TORCH_NCCL_ASYNC_ERROR_HANDLING's default) tears the process down. Long enough for the
+# slowest lock-step phase (first-step compilation, CUDA-graph capture).
+DIST_TIMEOUT_S = 180
+MAX_ERROR_CHARS = 20_000  # worker tracebacks sent to rank 0 are cut to their last this many characters
 
 
 def free_port() -> int:
@@ -29,12 +40,14 @@ def free_port() -> int:
 
 class ModelRunner:
     def __init__(self, config: Config, rank: int, port: int, shm_name: str,
-                 events: list[multiprocessing.synchronize.Event] | multiprocessing.synchronize.Event) -> None:
+                 conns: list[Connection] | Connection | None = None) -> None:
+        """conns: rank 0, one pipe end per worker (rank order); a worker, its end of that pipe."""
         self.config = config
         self.rank = rank
         self.world_size = config.tensor_parallel_size
         self.block_size = config.kvcache_block_size
-        self.events = events
+        self.conns = conns
+        self.in_flight = False  # rank 0: workers got a command whose collectives rank 0 has not finished
         self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
         self._init_distributed(port)
         self._build_model()
@@ -63,7 +76,8 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=self.world_size,
-                                rank=self.rank, device_id=self.device if backend == "nccl" else None)
+                                rank=self.rank, device_id=self.device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=DIST_TIMEOUT_S))
 
     def _build_model(self) -> None:
         config = self.config
@@ -160,34 +174,62 @@ class ModelRunner:
 
     # -- rank 0 <-> workers ---------------------------------------------------------------------------------
     def loop(self) -> None:
+        """Worker: run each command rank 0 announces (one byte on the pipe) until "exit". EOFError when rank 0
+        is gone."""
         while True:
-            self.events.wait()
-            self.events.clear()
+            self.conns.recv_bytes()
             method, args = self.channel.read()
             getattr(self, method)(*args)
             if method == "exit":
                 break
 
     def call(self, method: str, *args):
-        if self.channel is not None and self.rank == 0:
-            self.channel.write(method, *args)
-            for event in self.events:
-                event.set()
-        return getattr(self, method)(*args)
+        """Run method on every rank (rank 0 included). A pipe to a dead worker raises at once (BrokenPipeError),
+        unlike a multiprocessing.Event, whose set() waits forever for a killed waiter. Every method called this
+        way must run a collective, or rank 0 could overwrite the channel before a worker has read it."""
+        if self.channel is None or self.rank != 0:
+            return getattr(self, method)(*args)
+        self.channel.write(method, *args)  # may raise: nothing was sent yet
+        self.in_flight = True  # an exception from here on may leave the workers inside a collective
+        for conn in self.conns:
+            conn.send_bytes(b"\x01")
+        result = getattr(self, method)(*args)
+        self.in_flight = False
+        return result
+
+    def inject_fault_for_test(self, rank: int, steps: int = 0, kill: bool = False) -> None:
+        """Test hook (the only one): `call("inject_fault_for_test", rank, steps, kill)` makes rank `rank` raise
+        (or SIGKILL itself) at the start of its (steps + 1)-th next `run`, before that step's collectives."""
+        dist.barrier()  # rank 0 must not overwrite the channel before every worker has read this command
+        if self.rank != rank:
+            return
+        run, left = self.run, [steps]
+
+        def failing_run(seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+            if left[0] > 0:
+                left[0] -= 1
+                return run(seqs, is_prefill)
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"fault injected for a test on rank {rank}")
+        self.run = failing_run
 
     def exit(self, collective: bool = True) -> None:
         """Free the cache, close (rank 0: unlink) the channel, destroy the process group. collective=False
-        skips the barrier, for rank 0 cleaning up after a dead worker."""
+        skips the barrier, for rank 0 cleaning up after a dead worker. Safe to repeat after a failed try."""
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
-        self._free_kv_cache()
+        if self.model is not None:
+            self._free_kv_cache()
+        self.model = self.sampler = None  # drop the weights even while the engine object lives on
         if self.world_size > 1:
             if collective:
                 dist.barrier()
             if self.channel is not None:
                 self.channel.close()
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -300,3 +342,19 @@ class ModelRunner:
         if self.rank != 0:
             return None
         return self.sampler(logits, sampling).tolist()
+
+
+def run_worker(config: Config, rank: int, port: int, shm_name: str, conn: Connection) -> None:
+    """Worker process entry. On an exception, send its traceback to rank 0 and exit at once (os._exit), so
+    rank 0's pending collectives fail on the closed connection instead of waiting; exit quietly when rank 0
+    is gone (EOF on the pipe)."""
+    try:
+        ModelRunner(config, rank, port, shm_name, conn)
+    except EOFError:
+        os._exit(0)
+    except BaseException:
+        try:
+            conn.send((time.time(), rank, traceback.format_exc()[-MAX_ERROR_CHARS:]))
+        except OSError:
+            pass
+        os._exit(1)

@@ -18,6 +18,7 @@ class Scheduler:
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -84,6 +85,7 @@ class Scheduler:
         return scheduled
 
     def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
@@ -129,6 +131,7 @@ class Scheduler:
         for seq in seqs:
             self.block_manager.deallocate(seq, forget=True)
             seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
             if seq in self.running:
                 self.running.remove(seq)
             if seq in self.waiting:
