@@ -109,6 +109,10 @@ class Config:
                              "(a flash-attn paged-KV requirement); use 256 or attention_backend='triton'")
 
 
+def head_dim_of(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

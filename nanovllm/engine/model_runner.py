@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanovllm.config import Config
+from nanovllm.config import Config, head_dim_of
 from nanovllm.engine.cuda_graph import CudaGraphRunner
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.shm_channel import ShmChannel, channel_size
@@ -96,12 +96,15 @@ class ModelRunner:
     def max_blocks_per_seq(self) -> int:
         return (self.config.max_model_len + self.block_size - 1) // self.block_size
 
-    def _block_bytes(self) -> int:
+    def _kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """[k/v, layer, block, offset in block, kv head (this rank's), head dim]."""
         hf = self.config.hf_config
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        num_kv_heads = hf.num_key_value_heads // self.world_size
+        return (2, hf.num_hidden_layers, num_blocks, self.block_size, hf.num_key_value_heads // self.world_size,
+                head_dim_of(hf))
+
+    def _block_bytes(self) -> int:
         itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
-        return 2 * hf.num_hidden_layers * self.block_size * num_kv_heads * head_dim * itemsize
+        return int(np.prod(self._kv_cache_shape(1))) * itemsize
 
     def _size_kv_cache(self) -> int:
         if self.config.num_kvcache_blocks > 0:
@@ -152,12 +155,8 @@ class ModelRunner:
         return seqs
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        hf = self.config.hf_config
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        num_kv_heads = hf.num_key_value_heads // self.world_size
-        # [k/v, layer, block, offset in block, kv head, head dim]
-        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, num_kv_heads, head_dim,
-                                    dtype=self.config.torch_dtype, device=self.device)
+        self.kv_cache = torch.empty(self._kv_cache_shape(num_blocks), dtype=self.config.torch_dtype,
+                                    device=self.device)
         for i, attn in enumerate(self.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -241,11 +240,15 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def block_tables_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
-        table = np.full((len(seqs), width), -1, dtype=np.int32)
+    @staticmethod
+    def fill_block_tables(seqs: list[Sequence], table: np.ndarray) -> None:
+        """Row i of table (pre-filled with -1, width >= every block table) = seqs[i].block_table."""
         for i, seq in enumerate(seqs):
             table[i, :len(seq.block_table)] = seq.block_table
+
+    def block_tables_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        table = np.full((len(seqs), max(len(seq.block_table) for seq in seqs)), -1, dtype=np.int32)
+        self.fill_block_tables(seqs, table)
         return self.to_device(table, torch.int32)
 
     def slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
@@ -285,8 +288,7 @@ class ModelRunner:
         fields[3] = [seq.num_tokens for seq in seqs]
         fields[1] = fields[3] - 1
         tables = host[4 * n:].reshape(n, width)
-        for i, seq in enumerate(seqs):
-            tables[i, :len(seq.block_table)] = seq.block_table
+        self.fill_block_tables(seqs, tables)
         fields[2] = tables[np.arange(n), fields[1] // bs] * bs + fields[1] % bs
         dev = self.to_device(host, torch.int32)
         context = dict(is_prefill=False, slot_mapping=dev[2 * n:3 * n], context_lens=dev[3 * n:4 * n],

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from transformers import Qwen3Config
 
+from nanovllm.config import head_dim_of
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -16,7 +17,7 @@ class Qwen3Attention(nn.Module):
     def __init__(self, config: Qwen3Config, attention_backend: str) -> None:
         super().__init__()
         tp_size = get_tp_size()
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads // tp_size
         self.num_kv_heads = config.num_key_value_heads // tp_size
         self.q_size = self.num_heads * self.head_dim
