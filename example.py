@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                for prompt in prompts]
     outputs = llm.generate(prompts, sampling_params)
 
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=True):
         print("\n")
         print(f"Prompt: {prompt!r}")
         print(f"Completion: {output['text']!r}")

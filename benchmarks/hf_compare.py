@@ -4,8 +4,8 @@ Both sides get the same prompts (token ids), per-request max_tokens, temperature
 timed from submitting the workload to its last token, after a warm-up (our LLM(...) init and one short generate;
 HF's manager warm-up, which captures its CUDA graphs, and one short request).
 
-    python benchmarks/hf_compare.py            # the full workload (HF takes ~4 minutes on an H100)
-    python benchmarks/hf_compare.py --quick    # 64 sequences, lengths <= 512
+    python -m benchmarks.hf_compare            # the full workload (HF takes ~4 minutes on an H100)
+    python -m benchmarks.hf_compare --quick    # 64 sequences, lengths <= 512
 """
 import argparse
 import gc
@@ -17,10 +17,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import DEFAULT_MODEL, make_workload  # noqa: E402
-from benchmarks.random_checkpoint import resolve_model  # noqa: E402
+from nanovllm.testing.random_checkpoint import resolve_model
+from nanovllm.testing.workload import make_workload
 
+DEFAULT_MODEL = os.path.expanduser("~/huggingface/Qwen3-0.6B/")
 HF_ATTN = "paged|sdpa"
 WARMUP_IDS = list(range(100, 116))
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-ours", action="store_true")
     args = parser.parse_args(argv)
     defaults = (64, 512, 512) if args.quick else (256, 1024, 1024)
-    for name, value in zip(("num_seqs", "max_input_len", "max_output_len"), defaults):
+    for name, value in zip(("num_seqs", "max_input_len", "max_output_len"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -137,7 +137,7 @@ def run_hf(path: str, prompts: list[list[int]], max_tokens: list[int]) -> Result
         add(**supported_kwargs(add, input_ids=WARMUP_IDS, request_id="warmup", max_new_tokens=8, eos_token_id=-1))
         collect(manager, {"warmup"})
         start = time.perf_counter()
-        for i, (ids, n) in enumerate(zip(prompts, max_tokens)):
+        for i, (ids, n) in enumerate(zip(prompts, max_tokens, strict=True)):
             add(**supported_kwargs(add, input_ids=ids, request_id=f"req{i}", max_new_tokens=n, eos_token_id=-1))
         results = collect(manager, {f"req{i}" for i in range(len(prompts))})
         seconds = time.perf_counter() - start

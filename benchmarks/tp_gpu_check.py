@@ -2,8 +2,8 @@
 checked teacher-forced against HF transformers (every token we chose must be within --margin logits of HF's
 best at its position). Prints a table last; exits non-zero when a check fails.
 
-    python3 benchmarks/tp_gpu_check.py                     # from the repo root, on a machine with >= 2 GPUs
-    python3 benchmarks/tp_gpu_check.py --model /tmp/ckpt   # where the random checkpoint is (built once)
+    python3 -m benchmarks.tp_gpu_check                     # from the repo root, on a machine with >= 2 GPUs
+    python3 -m benchmarks.tp_gpu_check --model /tmp/ckpt   # where the random checkpoint is (built once)
 """
 import argparse
 import gc
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from benchmarks.random_checkpoint import build_qwen3_0_6b  # noqa: E402
-from benchmarks.teacher_forced import teacher_forced_gaps  # noqa: E402
+from nanovllm.testing.random_checkpoint import build_qwen3_0_6b
+from nanovllm.testing.teacher_forced import teacher_forced_gaps
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = "/tmp/nanovllm-random-qwen3-0.6b"
 
 
@@ -73,8 +72,8 @@ def run_engine(path: str, tp: int, prompts: list[list[int]], max_tokens: int,
 
 def check(hf, tp: int, prompts: list[list[int]], outputs: list[list[int]], reference: list[list[int]],
           seconds: float) -> Check:
-    gaps = torch.cat([teacher_forced_gaps(hf, p, o) for p, o in zip(prompts, outputs)])
-    same = sum(o == r for o, r in zip(outputs, reference))
+    gaps = torch.cat([teacher_forced_gaps(hf, p, o) for p, o in zip(prompts, outputs, strict=True)])
+    same = sum(o == r for o, r in zip(outputs, reference, strict=True))
     return Check(tp, int(gaps.numel()), seconds, same, len(prompts), gaps.max().item(), gaps.mean().item())
 
 

@@ -1,20 +1,24 @@
+import numbers
 from dataclasses import dataclass
+
+GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling settings, with vLLM's meanings.
 
-    temperature: 0 = greedy. top_k: keep the k most likely tokens (0 or -1 = off). top_p: keep the smallest
-    set of most likely tokens whose probability reaches top_p, including the token that crosses it (1 = off).
+    temperature: 0 (or anything below 1e-5) = greedy. top_k: keep the k most likely tokens (0 or -1 = off).
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p, including the token that
+    crosses it (1 = off).
     min_p: drop tokens less likely than min_p times the most likely one (0 = off). Filters apply in vLLM's
     order: temperature, min_p, top_k, top_p. seed: per-request reproducible sampling, independent of the batch
     (any int, taken modulo 2**64); None draws from the global torch RNG. stop: strings that end the completion;
@@ -22,6 +26,8 @@ class SamplingParams:
     including the one that completed it (as vLLM). stop_token_ids: token ids that end the completion (kept in
     token_ids, like EOS). min_tokens: EOS and stop_token_ids are masked out of sampling, and no stop applies,
     until this many tokens are generated. ignore_eos: EOS does not stop (stop_token_ids still do).
+    skip_special_tokens: leave special tokens (e.g. <|im_end|>) out of the text; the text never includes the
+    EOS / stop id token that ended the completion. Integer fields accept numpy integers.
     """
     temperature: float = 1.0
     max_tokens: int = 64
@@ -33,6 +39,7 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not self.temperature >= 0:
@@ -50,8 +57,19 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool) or not isinstance(self.skip_special_tokens, bool):
+            raise ValueError(f"ignore_eos and skip_special_tokens must be True or False, got {self.ignore_eos!r} and "
+                             f"{self.skip_special_tokens!r}")
+        self.temperature = float(self.temperature)
+        self.top_p, self.min_p = float(self.top_p), float(self.min_p)
+        self.max_tokens, self.top_k, self.min_tokens = int(self.max_tokens), int(self.top_k), int(self.min_tokens)
+        self.seed = None if self.seed is None else int(self.seed)
         self.stop = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
 
     @staticmethod
     def _check_stop(stop) -> list[str]:
@@ -65,4 +83,4 @@ class SamplingParams:
         ids = [] if ids is None else ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}")
-        return list(ids)
+        return [int(i) for i in ids]

@@ -1,5 +1,4 @@
 import os
-import sys
 
 import torch
 
@@ -10,8 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from checkpoints import make_checkpoint  # noqa: E402
+from nanovllm.testing import make_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

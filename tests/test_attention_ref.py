@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from nanovllm.kernels.torch_attention import decode_attention_torch, store_kvcache_torch, varlen_attention_torch
-from nanovllm.utils.context import Context, forward_context, get_context
 
 BLOCK = 16
 D = 16
@@ -173,25 +172,3 @@ def test_decode_padded_rows_are_zero():
     assert torch.equal(out[2:], torch.zeros(2, 4, D))
     ref = torch.cat([dense_causal(q[i:i + 1], paged.k[i], paged.v[i], D ** -0.5) for i in range(2)])
     check(out[:2], ref)
-
-
-# ----------------------------------------------------------------------------------------------
-# forward_context
-# ----------------------------------------------------------------------------------------------
-
-def test_forward_context_sets_then_clears():
-    """The step's metadata is visible inside the block and reset to defaults after it."""
-    slots = torch.tensor([3, 4], dtype=torch.int32)
-    with forward_context(is_prefill=True, slot_mapping=slots, max_seqlen_q=2) as ctx:
-        assert get_context() is ctx
-        assert ctx.is_prefill and ctx.max_seqlen_q == 2 and ctx.slot_mapping is slots
-    assert get_context() == Context()
-
-
-def test_forward_context_clears_even_when_the_body_raises():
-    """A step that raises still clears the context, so no stale metadata reaches the next step."""
-    with pytest.raises(RuntimeError, match="boom"):
-        with forward_context(is_prefill=True, context_lens=torch.tensor([1], dtype=torch.int32)):
-            raise RuntimeError("boom")
-    ctx = get_context()
-    assert not ctx.is_prefill and ctx.context_lens is None and ctx.slot_mapping is None

@@ -1,11 +1,16 @@
 """BlockManager: exact block ids, ref counts, reuse order, and prefix caching (upstream #114, #163)."""
 import pytest
 
-from nanovllm.engine import block_manager as bm_module
-from nanovllm.engine.block_manager import BlockManager, compute_block_hash
 from nanovllm.engine.sequence import Sequence
+from nanovllm.scheduler import block_manager as bm_module
+from nanovllm.scheduler.block_manager import BlockManager, compute_block_hash
 
 BS = 4
+
+
+def append(seq: Sequence, token_id: int) -> None:
+    """A sampled token read back: what the engine does with a step's sample."""
+    seq.resolve(seq.add_pending(), token_id)
 
 
 def seq_of(tokens) -> Sequence:
@@ -40,7 +45,7 @@ def test_allocate_takes_lowest_ids_in_order():
     assert bm.used_block_ids == {0, 1, 2}
     assert free_order(bm) == [3, 4, 5, 6, 7]
     assert bm.num_free_blocks == 5
-    assert seq.num_cached_tokens == 0
+    assert seq.num_computed_tokens == 0
 
 
 def test_second_sequence_gets_next_ids():
@@ -76,7 +81,7 @@ def test_deallocate_frees_last_block_first_and_resets_counts():
     bm.deallocate(seq)
     assert free_order(bm) == [3, 2, 1, 0]
     assert refs(bm) == [0, 0, 0, 0] and bm.used_block_ids == set()
-    assert seq.block_table == [] and seq.num_cached_tokens == 0 and seq.num_scheduled_tokens == 0
+    assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.num_scheduled_tokens == 0
 
 
 def test_reuse_order_is_oldest_freed_first():
@@ -127,7 +132,7 @@ def test_cache_full_blocks_within_a_chunk_only():
     bm.allocate(seq)
     bm.cache_full_blocks(seq, 6)
     assert [bm.blocks[i].hash != -1 for i in seq.block_table] == [True, False, False, False]
-    seq.num_cached_tokens = 6
+    seq.num_computed_tokens = 6
     bm.cache_full_blocks(seq, 12)
     assert [bm.blocks[i].hash != -1 for i in seq.block_table] == [True, True, True, False]
     h0 = compute_block_hash([0, 1, 2, 3])
@@ -149,7 +154,7 @@ def test_prefix_hit_shares_blocks_and_counts_cached_tokens():
     assert bm.can_allocate(b)
     bm.allocate(b)
     assert b.block_table == [0, 1, 3]
-    assert b.num_cached_tokens == 8
+    assert b.num_computed_tokens == 8
     assert refs(bm)[:4] == [2, 2, 1, 1]
     assert a.block_table == [0, 1, 2]
 
@@ -160,7 +165,7 @@ def test_prefix_hit_stops_at_first_differing_block():
     admit(bm, list(range(12)) + [50])
     b = seq_of([0, 1, 2, 3, 99, 5, 6, 7, 8, 9, 10, 11, 51])
     bm.allocate(b)
-    assert b.block_table == [0, 4, 5, 6] and b.num_cached_tokens == 4
+    assert b.block_table == [0, 4, 5, 6] and b.num_computed_tokens == 4
 
 
 def test_same_block_after_different_prefix_does_not_hit():
@@ -169,7 +174,7 @@ def test_same_block_after_different_prefix_does_not_hit():
     admit(bm, [1, 1, 1, 1, 2, 2, 2, 2, 3])
     b = seq_of([2, 2, 2, 2, 5])
     bm.allocate(b)
-    assert b.num_cached_tokens == 0 and b.block_table == [3, 4]
+    assert b.num_computed_tokens == 0 and b.block_table == [3, 4]
 
 
 def test_hit_compares_token_ids_not_only_hash(monkeypatch):
@@ -179,10 +184,10 @@ def test_hit_compares_token_ids_not_only_hash(monkeypatch):
     admit(bm, [1, 2, 3, 4, 0])
     other = seq_of([5, 6, 7, 8, 0])
     bm.allocate(other)
-    assert other.num_cached_tokens == 0 and other.block_table == [2, 3]
+    assert other.num_computed_tokens == 0 and other.block_table == [2, 3]
     same = seq_of([1, 2, 3, 4, 0])
     bm.allocate(same)
-    assert same.num_cached_tokens == 4 and same.block_table == [0, 4]
+    assert same.num_computed_tokens == 4 and same.block_table == [0, 4]
 
 
 def test_freed_block_keeps_hash_and_can_hit_again():
@@ -195,7 +200,7 @@ def test_freed_block_keeps_hash_and_can_hit_again():
     assert bm.can_allocate(b)
     bm.allocate(b)
     assert b.block_table == [0, 1, 3]
-    assert b.num_cached_tokens == 8
+    assert b.num_computed_tokens == 8
     assert refs(bm)[:4] == [1, 1, 0, 1]
     assert free_order(bm) == [4, 5, 6, 7, 2]
 
@@ -209,7 +214,7 @@ def test_can_allocate_counts_free_hits_as_taking_free_blocks():
     bm.deallocate(a)
     assert bm.can_allocate(b)      # the 2 hits are free now and 1 more is free
     bm.allocate(b)
-    assert b.block_table == [0, 1, 2] and b.num_cached_tokens == 8
+    assert b.block_table == [0, 1, 2] and b.num_computed_tokens == 8
     bm2 = BlockManager(4, BS)
     admit(bm2, range(9))
     c = seq_of(list(range(8)) + [40])
@@ -237,15 +242,15 @@ def test_fully_cached_prompt_still_computes_last_block():
     a = admit(bm, range(8))
     b = seq_of(range(8))
     bm.allocate(b)
-    assert b.num_cached_tokens == 4
-    assert len(b) - b.num_cached_tokens >= 1
+    assert b.num_computed_tokens == 4
+    assert len(b) - b.num_computed_tokens >= 1
     assert b.block_table == [0, 2]
     assert refs(bm)[:3] == [2, 1, 1]
     bm.deallocate(a)
     bm.deallocate(b)
     c = seq_of(range(8))
     bm.allocate(c)
-    assert c.num_cached_tokens == 4 and len(c) - c.num_cached_tokens == 4
+    assert c.num_computed_tokens == 4 and len(c) - c.num_computed_tokens == 4
 
 
 def test_one_block_prompt_is_never_a_hit():
@@ -254,7 +259,7 @@ def test_one_block_prompt_is_never_a_hit():
     admit(bm, range(4))
     b = seq_of(range(4))
     bm.allocate(b)
-    assert b.num_cached_tokens == 0 and b.block_table == [1]
+    assert b.num_computed_tokens == 0 and b.block_table == [1]
 
 
 def test_reused_block_drops_its_old_hash():
@@ -268,12 +273,12 @@ def test_reused_block_drops_its_old_hash():
     b = admit(bm, range(100, 112))      # reuses 2, 1, 0 for other tokens
     assert b.block_table == [2, 1, 0]
     assert not old_hashes & set(bm.hash_to_block_id)
-    for block_id, i in zip(b.block_table, range(3)):
+    for block_id, i in zip(b.block_table, range(3), strict=True):
         assert bm.blocks[block_id].token_ids == b.block(i)
     bm.deallocate(b)
     c = seq_of(range(9))
     bm.allocate(c)
-    assert c.num_cached_tokens == 0
+    assert c.num_computed_tokens == 0
 
 
 def test_reused_block_as_partial_block_drops_its_old_hash():
@@ -289,7 +294,7 @@ def test_reused_block_as_partial_block_drops_its_old_hash():
     bm.deallocate(b)
     c = seq_of(range(5))
     bm.allocate(c)
-    assert c.num_cached_tokens == 0
+    assert c.num_computed_tokens == 0
 
 
 def test_deallocate_forget_drops_hashes_of_freed_blocks():
@@ -301,7 +306,7 @@ def test_deallocate_forget_drops_hashes_of_freed_blocks():
     assert all(b.hash == -1 and b.token_ids == [] for b in bm.blocks)
     b = seq_of(range(10))
     bm.allocate(b)
-    assert b.num_cached_tokens == 0
+    assert b.num_computed_tokens == 0
 
 
 def test_deallocate_forget_keeps_hashes_of_blocks_still_shared():
@@ -320,16 +325,16 @@ def test_decode_append_adds_block_exactly_when_needed():
     bm = BlockManager(8, BS)
     seq = admit(bm, range(8))
     assert not bm.needs_new_block(seq)
-    seq.append_token(1)                  # 9th token starts block 2
+    append(seq, 1)                  # 9th token starts block 2
     assert bm.needs_new_block(seq) and bm.can_append(seq)
     bm.may_append(seq)
     assert seq.block_table == [0, 1, 2]
     for n in range(10, 13):              # tokens 10..12 fill block 2
-        seq.append_token(1)
+        append(seq, 1)
         assert not bm.needs_new_block(seq)
         bm.may_append(seq)
         assert seq.block_table == [0, 1, 2], n
-    seq.append_token(1)                  # 13th token starts block 3
+    append(seq, 1)                  # 13th token starts block 3
     bm.may_append(seq)
     assert seq.block_table == [0, 1, 2, 3]
 
@@ -338,11 +343,11 @@ def test_can_append_needs_a_free_block_only_at_block_boundary():
     """With no free block, appending is possible inside a block but not across a boundary."""
     bm = BlockManager(2, BS)
     seq = admit(bm, range(7))
-    seq.append_token(1)                  # 8 tokens: still fits block 1
+    append(seq, 1)                  # 8 tokens: still fits block 1
     assert bm.num_free_blocks == 0 and bm.can_append(seq)
     bm.may_append(seq)
     assert seq.block_table == [0, 1]
-    seq.append_token(1)                  # 9 tokens: needs block 2
+    append(seq, 1)                  # 9 tokens: needs block 2
     assert not bm.can_append(seq)
 
 
@@ -354,7 +359,7 @@ def test_decode_append_takes_oldest_free_block_and_drops_its_hash():
     seq = admit(bm, range(100, 104))     # takes 3
     bm.allocate(other := seq_of(range(200, 206)))  # takes 2, 1
     assert (seq.block_table, other.block_table) == ([3], [2, 1])
-    seq.append_token(5)
+    append(seq, 5)
     bm.may_append(seq)
     assert seq.block_table == [3, 0]
     assert 0 not in bm.hash_to_block_id.values()

@@ -1,4 +1,9 @@
 """Config and SamplingParams validation: clear exceptions naming the bad value, upstream defaults kept."""
+import dataclasses
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -30,12 +35,44 @@ def test_dir_without_config_json_raises(tmp_path):
         Config(str(tmp_path))
 
 
-def test_valid_model_dir_loads_hf_config_and_eos(tiny_model):
-    """A real checkpoint directory loads its hf_config and takes eos from it."""
+def test_valid_model_dir_loads_hf_config(tiny_model):
+    """A real checkpoint directory loads its hf_config; the path is stored absolute."""
     config = Config(tiny_model)
     assert config.hf_config.num_hidden_layers == 2
-    assert config.eos == config.hf_config.eos_token_id
-    assert config.eos >= 0
+    assert os.path.isabs(config.model)
+
+
+def test_config_is_frozen_with_derived_values_resolved_once(tiny_model):
+    """Nothing changes a Config after construction; "auto" choices are resolved in it."""
+    config = Config(tiny_model, device="auto", dtype="auto")
+    assert config.device in ("cpu", "cuda") and config.dtype == "float32" and config.attention_backend != "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_model_len = 8
+
+
+def test_explicit_max_model_len_over_the_model_limit_warns_and_clamps(tiny_model):
+    with pytest.warns(UserWarning, match="max_model_len=2048 exceeds the model's max_position_embeddings=1024"):
+        assert Config(tiny_model, max_model_len=2048).max_model_len == 1024
+
+
+def test_model_path_that_is_a_file_says_so(tiny_model):
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory; pass the checkpoint directory"):
+        Config(os.path.join(tiny_model, "config.json"))
+
+
+@pytest.mark.parametrize("field,value", [("gpu_memory_utilization", "0.5"), ("gpu_memory_utilization", True),
+                                         ("tensor_parallel_size", True), ("tensor_parallel_size", 2.0),
+                                         ("max_num_seqs", "8"), ("kvcache_block_size", 16.0),
+                                         ("enforce_eager", 1), ("async_scheduling", "yes"), ("device", 0)])
+def test_values_of_the_wrong_type_name_the_field_and_value(tiny_model, field, value):
+    """Bug 12: a str or bool where a number belongs (and vice versa) is a ValueError naming field and value."""
+    with pytest.raises(ValueError, match=rf"{field} must be .*{re.escape(repr(value))}"):
+        Config(tiny_model, **{field: value})
+
+
+def test_numpy_integers_are_accepted_as_integers(tiny_model):
+    config = Config(tiny_model, max_num_seqs=np.int64(8), kvcache_block_size=np.int32(16))
+    assert config.max_num_seqs == 8 and type(config.max_num_seqs) is int
 
 
 def test_defaults_match_upstream(tiny_model):
@@ -58,9 +95,9 @@ def test_from_kwargs_rejects_unknown_keyword_by_name(tiny_model):
 
 
 def test_from_kwargs_rejects_init_false_fields(tiny_model):
-    """hf_config and eos are derived, not settable keywords."""
-    with pytest.raises(ValueError, match="eos"):
-        Config.from_kwargs(tiny_model, eos=3)
+    """hf_config is derived, not a settable keyword."""
+    with pytest.raises(ValueError, match="hf_config"):
+        Config.from_kwargs(tiny_model, hf_config=3)
 
 
 def test_from_kwargs_accepts_known_keywords(tiny_model):

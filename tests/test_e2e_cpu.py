@@ -1,6 +1,6 @@
 """Qwen3 end to end on CPU: LLM.generate greedy output equals HF transformers token for token.
 
-Every case runs tiny random float32 checkpoints (tests/checkpoints.py) with kvcache_block_size=16 and
+Every case runs tiny random float32 checkpoints (nanovllm/testing/checkpoints.py) with kvcache_block_size=16 and
 compares each sequence's completion with `Qwen3ForCausalLM.generate(do_sample=False)` run on the same
 prompt ids alone. Spies on the scheduler / block manager check that the intended path (chunking,
 prefix hits, preemption) was really taken, so a passing comparison means the path is correct.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from checkpoints import make_checkpoint
 from nanovllm import LLM, SamplingParams
+from nanovllm.testing import make_checkpoint
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -55,7 +55,7 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, eos: int | None
 def assert_matches_hf(path: str, prompts: list[list[int]], outputs: list[dict], max_new_tokens: int,
                       eos: int | None = None) -> None:
     assert len(outputs) == len(prompts)
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
         want = hf_greedy(path, prompt, max_new_tokens, eos)
         assert out["token_ids"] == want, f"prompt {i} (length {len(prompt)}) diverges from HF"
 
@@ -77,7 +77,7 @@ class Spy:
 def spy_allocations(llm: LLM) -> Spy:
     """Records (prompt length, completion tokens so far, tokens served from the cache) per admission."""
     return Spy(llm.scheduler.block_manager, "allocate",
-               lambda seq: (seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_cached_tokens))
+               lambda seq: (seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_computed_tokens))
 
 
 def spy_preemptions(llm: LLM) -> Spy:
@@ -86,8 +86,8 @@ def spy_preemptions(llm: LLM) -> Spy:
 
 def spy_prefill_chunks(llm: LLM) -> Spy:
     """Records the number of tokens scheduled per prefill step."""
-    def probe(seqs, is_prefill):
-        return sum(s.num_scheduled_tokens for s in seqs) if is_prefill else 0
+    def probe(step):
+        return len(step.input_ids) if step.is_prefill else 0
     return Spy(llm.model_runner, "run", probe)
 
 
@@ -139,7 +139,7 @@ def test_outputs_come_back_in_prompt_order(llm, tiny_model):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 2, 5)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o["token_ids"]) for o in outputs] == [9, 2, 5]
-    for prompt, out, sp in zip(prompts, outputs, params):
+    for prompt, out, sp in zip(prompts, outputs, params, strict=True):
         assert out["token_ids"] == hf_greedy(tiny_model, prompt, sp.max_tokens)
 
 
@@ -320,11 +320,12 @@ def eos_model(tmp_path_factory):
     dst = tmp_path_factory.mktemp("eos")
     for name in os.listdir(src):
         shutil.copy(os.path.join(src, name), dst)
-    with open(os.path.join(dst, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["eos_token_id"] = eos
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    for name in ("config.json", "generation_config.json"):  # every place a checkpoint names its eos ids
+        with open(os.path.join(dst, name)) as f:
+            cfg = json.load(f)
+        cfg["eos_token_id"] = eos
+        with open(os.path.join(dst, name), "w") as f:
+            json.dump(cfg, f)
     return str(dst), prompt, eos
 
 
@@ -333,7 +334,7 @@ def test_eos_stops_generation_like_hf(eos_model):
     where HF generate with eos_token_id stops; ignore_eos=True in the same batch runs to max_tokens."""
     path, prompt, eos = eos_model
     engine = make_llm(path)
-    assert engine.tokenizer is None and engine.config.eos == eos
+    assert engine.tokenizer is None and engine.outputs.eos_token_ids == {eos}
     others = random_prompts([5, 30], seed=18)
     prompts = [prompt] + others + [prompt]
     params = [SamplingParams(temperature=0, max_tokens=12)] * 3 + [
@@ -352,7 +353,7 @@ def test_no_tokenizer_needs_id_prompts(tiny_model_factory):
     string prompts with a clear error."""
     path = tiny_model_factory(tokenizer=False)
     engine = make_llm(path)
-    assert engine.tokenizer is None and engine.config.eos == 1
+    assert engine.tokenizer is None and engine.outputs.eos_token_ids == {1}
     prompts = random_prompts([4, 19], seed=19)
     outputs = engine.generate(prompts, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="token-id lists"):

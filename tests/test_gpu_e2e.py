@@ -1,17 +1,13 @@
 """End to end on the GPU: HF equality in float32 and a teacher-forced check of a Qwen3-0.6B-shaped model."""
 import os
 import random
-import sys
 
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from random_checkpoint import build_qwen3_0_6b  # noqa: E402
-from teacher_forced import teacher_forced_gaps  # noqa: E402
+from nanovllm.testing.random_checkpoint import build_qwen3_0_6b
+from nanovllm.testing.teacher_forced import teacher_forced_gaps
 
 pytestmark = pytest.mark.gpu
 MARGIN = 0.25  # bf16: a greedy token may trail HF's best logit by at most this much
@@ -74,7 +70,7 @@ def test_qwen3_0_6b_teacher_forced(qwen3_0_6b, big_hf, enforce_eager):
     with LLM(qwen3_0_6b, enforce_eager=enforce_eager, max_model_len=1024, num_kvcache_blocks=8,
              max_num_seqs=16) as llm:
         outs = llm.generate(prompts, sp, use_tqdm=False)
-    worst = max(teacher_forced_gaps(big_hf, p, o["token_ids"]).max().item() for p, o in zip(prompts, outs))
+    worst = max(teacher_forced_gaps(big_hf, p, o["token_ids"]).max().item() for p, o in zip(prompts, outs, strict=True))
     print(f"teacher-forced max gap (enforce_eager={enforce_eager}): {worst:.4f}")
     assert all(len(o["token_ids"]) == 48 for o in outs)
     assert worst <= MARGIN

@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, Qwen3ForCausalLM as HFQwen3
+from transformers import AutoConfig
+from transformers import Qwen3ForCausalLM as HFQwen3
 
 from nanovllm import LLM
+from nanovllm.distributed.tp import TPInfo
+from nanovllm.layers.attention import Attention, LayerKVCache, make_backend
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.utils.context import forward_context, get_context
+from nanovllm.utils.context import Context, forward_context, get_context
 from nanovllm.utils.loader import load_model
 
 BLOCK = 16
@@ -37,7 +40,7 @@ def edit_weights(path: str, edit) -> str:
 
 def build_model(path: str) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(AutoConfig.from_pretrained(path), "torch")
+    return Qwen3ForCausalLM(AutoConfig.from_pretrained(path), TPInfo(), make_backend("torch"))
 
 
 def loaded_model(path: str) -> Qwen3ForCausalLM:
@@ -151,11 +154,9 @@ def test_attention_biases_load_including_o_proj(tiny_model_factory):
 
 def bind_kv_cache(model: Qwen3ForCausalLM, num_blocks: int) -> None:
     """Give every attention layer its own NaN-filled paged cache, as ModelRunner does."""
-    from nanovllm.layers.attention import Attention
     for attn in (m for m in model.modules() if isinstance(m, Attention)):
         shape = (num_blocks, BLOCK, attn.num_kv_heads, attn.head_dim)
-        attn.k_cache = torch.full(shape, float("nan"))
-        attn.v_cache = torch.full(shape, float("nan"))
+        attn.kv_cache = LayerKVCache(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
 
 
 def prefill_context(lengths: list[int], num_blocks: int, seed: int = 0) -> dict:
@@ -192,7 +193,7 @@ def test_prefill_hidden_states_and_logits_equal_hf(tiny_model_factory, opts):
     input_ids = torch.cat(seqs)
     positions = torch.cat([torch.arange(n) for n in lengths])
     with torch.inference_mode():
-        with forward_context(**context):
+        with forward_context(Context(**context)):
             hidden = model(input_ids, positions)
             last_logits = model.compute_logits(hidden)
         logits = F.linear(hidden, model.lm_head.weight)

@@ -18,11 +18,13 @@ from multiprocessing.shared_memory import SharedMemory
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig
 
 from nanovllm import LLM, EngineDeadError, RequestsFailedError, SamplingParams
-from nanovllm.engine.shm_channel import unique_shm_name
+from nanovllm.distributed.shm_channel import unique_shm_name
+from nanovllm.testing import install_fault
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = dict(kvcache_block_size=16, dtype="float32", device="cpu")
@@ -75,8 +77,8 @@ def fake_gpus(monkeypatch, count: int) -> None:
 
 
 def flash_attn_backend(monkeypatch) -> None:
-    from nanovllm.layers import attention
-    monkeypatch.setattr(attention, "select_attention_backend", lambda requested, device: "flash_attn")
+    from nanovllm import config
+    monkeypatch.setattr(config, "resolve_attention_backend", lambda requested, device: "flash_attn")
 
 
 # name -> (call(llm, model, tmp_path, monkeypatch), exception type, regex the message must match)
@@ -174,12 +176,12 @@ def test_step_failure_aborts_the_call_and_the_engine_recovers(small_llm, expecte
     runner, bm = small_llm.model_runner, small_llm.scheduler.block_manager
     real_run, held, calls = runner.run, set(), []
 
-    def flaky_run(seqs, is_prefill):
-        calls.append(is_prefill)
+    def flaky_run(step):
+        calls.append(step.is_prefill)
         if len(calls) == 3:  # a decode step, after prefill wrote and registered full blocks
             held.update(b for seq in small_llm.scheduler.running for b in seq.block_table)
             raise torch.OutOfMemoryError("injected out of memory")
-        return real_run(seqs, is_prefill)
+        return real_run(step)
 
     monkeypatch.setattr(runner, "run", flaky_run)
     with pytest.raises(RequestsFailedError, match="injected out of memory") as err:
@@ -196,7 +198,7 @@ def test_step_failure_aborts_the_call_and_the_engine_recovers(small_llm, expecte
 
 def test_step_failure_through_step_api_names_the_step_requests(small_llm, monkeypatch):
     seq_id = small_llm.add_request([4, 5, 6], SP)
-    monkeypatch.setattr(small_llm.model_runner, "run", lambda seqs, is_prefill: 1 / 0)
+    monkeypatch.setattr(small_llm.model_runner, "run", lambda step: 1 / 0)
     with pytest.raises(RequestsFailedError, match=rf"requests \[{seq_id}\] were aborted: ZeroDivisionError"):
         small_llm.step()
     assert_clean(small_llm)
@@ -242,7 +244,8 @@ def test_tiny_pool_preempts_and_matches_a_large_pool(pools):
 
 # -- 2. worker failure (TP=2, gloo) ----------------------------------------------------------------------------
 def worker_state(llm: LLM) -> dict:
-    return dict(shm=llm.model_runner.channel.name, workers=list(llm.ps))
+    group = llm.model_runner.workers
+    return dict(shm=group.channel.name, workers=list(group.processes))
 
 
 def assert_cleaned_up(state: dict) -> None:
@@ -275,10 +278,11 @@ def test_worker_failure_raises_now_and_on_every_later_call(fault, tiny_model):
     try:
         assert len(llm.generate(GOOD, SP, use_tqdm=False)) == len(GOOD)
         if inject is None:
-            os.kill(llm.ps[0].pid, signal.SIGKILL)
-            llm.ps[0].join(5)
+            worker = llm.model_runner.workers.processes[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(5)
         else:
-            llm.model_runner.call("inject_fault_for_test", 1, inject["steps"], inject["kill"])
+            install_fault(llm, 1, inject["steps"], inject["kill"])
         err, elapsed = timed_generate(llm, GOOD, long_sp)
         assert elapsed < FAILURE_DEADLINE_S
         assert re.search(pattern, str(err), re.DOTALL), str(err)
@@ -305,7 +309,7 @@ def test_rank0_failure_mid_step_under_tp_marks_the_engine_dead(tiny_model, monke
     llm = LLM(tiny_model, tensor_parallel_size=2, **SMALL)
     state = worker_state(llm)
     try:
-        monkeypatch.setattr(llm.model_runner, "run", lambda seqs, is_prefill: 1 / 0)
+        monkeypatch.setattr(llm.model_runner, "execute", lambda step: 1 / 0)  # after the workers got the step
         err, elapsed = timed_generate(llm, GOOD, SP)
         assert elapsed < FAILURE_DEADLINE_S
         assert isinstance(err.__cause__, EngineDeadError)
@@ -324,7 +328,7 @@ def test_stale_shared_memory_does_not_block_a_new_engine(tiny_model, expected):
     stale = SharedMemory(name=unique_shm_name(), create=True, size=4096)  # as left by a crashed engine
     try:
         with LLM(tiny_model, tensor_parallel_size=2, **SMALL) as llm:
-            assert llm.model_runner.channel.name != stale.name
+            assert llm.model_runner.workers.channel.name != stale.name
             assert token_ids(llm.generate(GOOD, SP, use_tqdm=False)) == expected
     finally:
         stale.close()
@@ -338,7 +342,8 @@ CRASHING_CHILD = textwrap.dedent("""
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[2]))
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-        print(json.dumps({"shm": llm.model_runner.channel.name, "worker": llm.ps[0].pid}), flush=True)
+        group = llm.model_runner.workers
+        print(json.dumps({"shm": group.channel.name, "worker": group.processes[0].pid}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # rank 0 crashes: no exit(), no atexit
 """)
 

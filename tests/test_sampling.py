@@ -14,11 +14,12 @@ import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.stop_checker import StopStringChecker
+from nanovllm.engine.step_builder import build_sampling
 from nanovllm.layers.sampler import Sampler, apply_top_k_top_p, filtered_probs
 from nanovllm.layers.sampling_rng import seed_to_int64, seeded_uniform
+from nanovllm.worker.model_runner import sampling_tensors
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
 VOCAB = 10
@@ -57,24 +58,26 @@ def reference_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     return p
 
 
-def fake_runner(device: str = "cpu", eos: int = EOS) -> ModelRunner:
-    """A ModelRunner with only what prepare_sample needs (device and config.eos)."""
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.device = torch.device(device)
-    runner.config = type("Cfg", (), {"eos": eos})()
-    return runner
-
-
 def make_seqs(params: list[SamplingParams], prompt_len: int = 4) -> list[Sequence]:
-    return [Sequence(list(range(3, 3 + prompt_len)), sp, block_size=16) for sp in params]
+    """Sequences as the engine queues them (a seeded request keys the RNG with its seed; others with a drawn one)."""
+    return [Sequence(list(range(3, 3 + prompt_len)), sp, block_size=16,
+                     sampling_seed=seed_to_int64(sp.seed) if sp.seed is not None else int(torch.randint(2**62, ())))
+            for sp in params]
+
+
+def sampling_for(seqs: list[Sequence], device: str = "cpu"):
+    """The sampling tensors of a step in which every sequence samples its next token."""
+    for seq in seqs:
+        seq.num_computed_tokens, seq.num_scheduled_tokens = 0, len(seq)
+    return sampling_tensors(build_sampling(seqs, OutputProcessor(None, frozenset([EOS])).banned_tokens),
+                            torch.device(device))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], device: str = "cpu", prompt_len: int = 4,
            seqs: list[Sequence] | None = None) -> torch.Tensor:
-    """Sample one token per row through ModelRunner.prepare_sample and the Sampler."""
+    """Sample one token per row through the engine's step builder and the Sampler."""
     seqs = seqs or make_seqs(params, prompt_len)
-    tensors = fake_runner(device).prepare_sample(seqs)
-    return Sampler()(logits.to(device), tensors).cpu()
+    return Sampler()(logits.to(device), sampling_for(seqs, device)).cpu()
 
 
 def assert_frequencies_match(tokens: torch.Tensor, probs: torch.Tensor, what: str) -> None:
@@ -119,7 +122,7 @@ def test_validation_names_field_and_value(kwargs, field):
 def test_filters_equal_reference_exactly():
     """filtered_probs on one row per config equals the reference (kept set and renormalised probs)."""
     logits = random_logits(len(CONFIGS), VOCAB, seed=1)
-    tensors = fake_runner().prepare_sample(make_seqs([SamplingParams(**c) for c in CONFIGS]))
+    tensors = sampling_for(make_seqs([SamplingParams(**c) for c in CONFIGS]))
     probs = filtered_probs(logits, tensors).double()
     for row, config in enumerate(CONFIGS):
         want = reference_probs(logits[row], **config)
@@ -170,8 +173,8 @@ def test_min_tokens_bans_eos_and_stop_ids_in_logits():
     # once min_tokens are generated, or with ignore_eos for EOS, the ban lifts
     seqs = make_seqs(params)
     for seq in seqs:
-        seq.append_token(5)
-        seq.append_token(6)
+        for t in (5, 6):
+            seq.resolve(seq.add_pending(), t)
     assert set(sample(logits, params, seqs=seqs).tolist()) <= {EOS, 7}
     tokens = sample(logits, [SamplingParams(temperature=0, ignore_eos=True, min_tokens=3)] * 200)
     assert (tokens == EOS).all()  # ignore_eos: EOS is not a stop, so it is not banned either
@@ -218,15 +221,18 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def feed(tokenizer, text: str, sp: SamplingParams) -> tuple[Sequence, int]:
-    """Feed text's tokens one by one through the checker; returns the sequence and the tokens consumed."""
+def feed(tokenizer, text: str, sp: SamplingParams) -> tuple[str, int]:
+    """Feed text's tokens one by one through the output processor; returns the output text and the number of tokens
+    consumed when a stop string ended it (-1 if none did)."""
     seq = Sequence(tokenizer.encode("hi"), sp, block_size=16)
-    checker = StopStringChecker(tokenizer)
+    outputs = OutputProcessor(tokenizer, frozenset())
+    outputs.add(seq)
     for n, t in enumerate(tokenizer.encode(text), 1):
-        seq.append_token(t)
-        if checker(seq):
-            return seq, n
-    return seq, -1
+        seq.resolve(seq.add_pending(), t)
+        if outputs.finish_reason(seq) == "stop":
+            seq.finish_reason = "stop"
+            return outputs.make_output(seq)["text"], n
+    return "", -1
 
 
 def test_stop_string_spanning_multibyte_tokens(tokenizer):
@@ -234,17 +240,17 @@ def test_stop_string_spanning_multibyte_tokens(tokenizer):
     token that completes it; the text stops before it."""
     text = "naïve 日本語 stop here"
     ids = tokenizer.encode(text)
-    seq, n = feed(tokenizer, text, SamplingParams(stop=["zzz", "本語"]))
+    out, n = feed(tokenizer, text, SamplingParams(stop=["zzz", "本語"]))
     end = next(i for i in range(1, len(ids) + 1) if "本語" in tokenizer.decode(ids[:i]))
-    assert n == end and seq.output_text == "naïve 日"
+    assert n == end and out == "naïve 日"
 
 
 def test_stop_string_respects_min_tokens(tokenizer):
     text = "ab cab dab"
     ids = tokenizer.encode(text)
     _, first = feed(tokenizer, text, SamplingParams(stop="ab"))
-    seq, n = feed(tokenizer, text, SamplingParams(stop="ab", min_tokens=first + 1, max_tokens=64))
-    assert n > first and seq.output_text == tokenizer.decode(ids[:n])[:text.index("ab", 3)]
+    out, n = feed(tokenizer, text, SamplingParams(stop="ab", min_tokens=first + 1, max_tokens=64))
+    assert n > first and out == tokenizer.decode(ids[:n])[:text.index("ab", 3)]
 
 
 # -- engine -------------------------------------------------------------------------------------------------
@@ -310,8 +316,7 @@ def test_eos_finishes_with_stop_unless_ignored(llm, tiny_model, monkeypatch):
     p = prompts(1, seed=2)[0]
     base = hf_greedy(tiny_model, p, 20)
     eos = base[3]
-    monkeypatch.setattr(llm.scheduler, "eos", eos)
-    monkeypatch.setattr(llm.config, "eos", eos)
+    monkeypatch.setattr(llm.outputs, "eos_token_ids", frozenset([eos]))
     out = generate(llm, [p], SamplingParams(temperature=0, max_tokens=20))[0]
     assert out["token_ids"] == base[:base.index(eos) + 1] and out["finish_reason"] == "stop"
     out = generate(llm, [p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
@@ -340,7 +345,7 @@ def test_stop_string_spanning_tokens_in_generate(llm, tokenizer):
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ps = prompts(6, seed=3)
     bases = [o["token_ids"] for o in generate(llm, ps, sp)]
-    p, base, found = next(((p, b, clean_boundary(tokenizer, b)) for p, b in zip(ps, bases)
+    p, base, found = next(((p, b, clean_boundary(tokenizer, b)) for p, b in zip(ps, bases, strict=True)
                            if clean_boundary(tokenizer, b)), (None, None, None))
     assert found, "no clean token boundary in the greedy completions"
     i, stop = found

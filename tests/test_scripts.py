@@ -7,12 +7,10 @@ import sys
 import torch
 from transformers import Qwen3ForCausalLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import bench  # noqa: E402
-from benchmarks import hf_compare  # noqa: E402
-from benchmarks.random_checkpoint import QWEN3_0_6B_PARAMS, build_tokenizer, qwen3_0_6b_config  # noqa: E402
+from nanovllm.testing.random_checkpoint import QWEN3_0_6B_PARAMS, build_tokenizer, qwen3_0_6b_config
+from nanovllm.testing.workload import make_workload
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LINE = re.compile(r"^Total: (\d+)tok, Time: \d+\.\d\ds, Throughput: \d+\.\d\dtok/s$", re.M)
 
 
@@ -21,7 +19,7 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_bench_workload_matches_upstream_totals():
-    prompts, params = bench.make_workload(256, 1024, 1024)
+    prompts, params = make_workload(256, 1024, 1024)
     assert len(prompts) == len(params) == 256
     assert sum(map(len, prompts)) == 142_827
     assert sum(sp.max_tokens for sp in params) == 133_966
@@ -30,15 +28,19 @@ def test_bench_workload_matches_upstream_totals():
 
 
 def test_bench_workload_is_reproducible():
-    a, b = bench.make_workload(8, 200, 200), bench.make_workload(8, 200, 200)
+    a, b = make_workload(8, 200, 200), make_workload(8, 200, 200)
     assert a[0] == b[0] and [sp.max_tokens for sp in a[1]] == [sp.max_tokens for sp in b[1]]
 
 
-def test_bench_defaults_follow_upstream():
-    args = bench.parse_args([])
-    assert (args.num_seqs, args.max_input_len, args.max_output_len) == (256, 1024, 1024)
-    assert args.tensor_parallel_size == 1 and not args.enforce_eager
-    assert args.model == os.path.expanduser("~/huggingface/Qwen3-0.6B/")
+def test_bench_help_states_defaults_and_the_vocabulary_it_needs():
+    proc = run_script("bench.py", "--help", timeout=60)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "more than 10,000 ids" in text and "--latency" in text
+    for flag, default in (("--num-seqs", 256), ("--max-input-len", 1024), ("--max-output-len", 1024),
+                          ("--max-model-len", 4096), ("--tensor-parallel-size", 1)):
+        assert re.search(rf"{flag} \S+ .*?\(default: {default}\)", text), flag
+    assert "~/huggingface/Qwen3-0.6B" in text or os.path.expanduser("~/huggingface/Qwen3-0.6B") in text
 
 
 def test_bench_smoke_run(tiny_model_factory):
@@ -48,8 +50,28 @@ def test_bench_smoke_run(tiny_model_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     match = TOTAL_LINE.search(proc.stdout)
     assert match, proc.stdout
-    _, params = bench.make_workload(2, 120, 110)
+    _, params = make_workload(2, 120, 110)
     assert int(match.group(1)) == sum(sp.max_tokens for sp in params)
+
+
+def test_bench_latency_smoke_run(tiny_model_factory):
+    model = tiny_model_factory(vocab_size=10240)
+    proc = run_script("bench.py", "--model", model, "--latency", "--latency-output-len", "8", "--max-model-len", "1024")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"^Latency: batch (\d+), prompt 128, 8 tokens: (\d+\.\d+) ms/step", proc.stdout, re.M)
+    assert [b for b, _ in lines] == ["1", "8"] and all(float(ms) > 0 for _, ms in lines)
+
+
+def test_bench_small_vocabulary_is_a_clear_error(tiny_model):
+    proc = run_script("bench.py", "--model", tiny_model, "--num-seqs", "1", timeout=120)
+    assert proc.returncode != 0
+    assert "needs a model with more than 10000 token ids" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_max_model_len_too_small_is_an_argparse_error():
+    proc = run_script("bench.py", "--max-model-len", "1000", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--max-model-len 1000 cannot hold the workload's longest request (2048 tokens)" in proc.stderr
 
 
 def test_bench_explicit_missing_model_is_an_error(tmp_path):
@@ -89,8 +111,6 @@ def test_random_checkpoint_tokenizer_round_trips_with_qwen_special_ids():
     tok.decode([5, 100_000, 151_935])  # ids outside its vocabulary decode without error
 
 
-def test_hf_compare_quick_workload_options():
-    args = hf_compare.parse_args(["--quick"])
-    assert (args.num_seqs, args.max_input_len, args.max_output_len) == (64, 512, 512)
-    args = hf_compare.parse_args(["--quick", "--num-seqs", "8"])
-    assert (args.num_seqs, args.max_input_len) == (8, 512)
+def test_benchmark_scripts_run_as_modules_without_path_edits():
+    proc = run_script("-m", "benchmarks.hf_compare", "--help", timeout=60)
+    assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr[-2000:]

@@ -5,7 +5,6 @@ Spawning a TP=2 engine costs seconds here, so each configuration is built once (
 asked many prompts at once."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
@@ -18,9 +17,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine import llm_engine
-from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.shm_channel import HEADER, ShmChannel, channel_size, unique_shm_name
+from nanovllm.distributed import workers
+from nanovllm.distributed.tp import TPInfo
+from nanovllm.layers.attention import make_backend
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.loader import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,8 @@ def generate_twice(llm: LLM) -> dict:
 
 
 def tp2_state(llm: LLM) -> dict:
-    return dict(shm=llm.model_runner.channel.name, workers=list(llm.ps))
+    group = llm.model_runner.workers
+    return dict(shm=group.channel.name, workers=list(group.processes))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ CHILD = textwrap.dedent("""
         llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[2]))
         out = llm.generate(json.loads(sys.argv[3]), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                            use_tqdm=False)
-        print(json.dumps({"shm": llm.model_runner.channel.name, "tokens": [o["token_ids"] for o in out]}))
+        print(json.dumps({"shm": llm.model_runner.workers.channel.name, "tokens": [o["token_ids"] for o in out]}))
         # no exit(): atexit must stop the worker and unlink the shared memory
 """)
 
@@ -166,7 +167,7 @@ def test_two_processes_at_once_and_atexit(tiny_model, tmp_path):
     children = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)]
     results = [c.communicate(timeout=240) for c in children]
-    for child, (out, err) in zip(children, results):
+    for child, (_, err) in zip(children, results, strict=True):
         assert child.returncode == 0, err[-3000:]
         assert "leaked" not in err, err[-3000:]
     got = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
@@ -178,76 +179,30 @@ def test_two_processes_at_once_and_atexit(tiny_model, tmp_path):
 
 def test_worker_env_turns_nvls_off_on_cuda_only(monkeypatch):
     monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
-    llm_engine.set_worker_env(SimpleNamespace(device="cpu", tensor_parallel_size=2))
+    workers.set_worker_env(SimpleNamespace(device="cpu", tensor_parallel_size=2))
     assert "NCCL_NVLS_ENABLE" not in os.environ
-    llm_engine.set_worker_env(SimpleNamespace(device="cuda", tensor_parallel_size=2))
+    workers.set_worker_env(SimpleNamespace(device="cuda", tensor_parallel_size=2))
     assert os.environ["NCCL_NVLS_ENABLE"] == "0"
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # the user's choice wins
-    llm_engine.set_worker_env(SimpleNamespace(device="cuda", tensor_parallel_size=2))
+    workers.set_worker_env(SimpleNamespace(device="cuda", tensor_parallel_size=2))
     assert os.environ["NCCL_NVLS_ENABLE"] == "1"
 
 
-# -- shared-memory channel -----------------------------------------------------------------------------------
-def worst_case_seqs(num_seqs: int, max_model_len: int, block_size: int) -> list[Sequence]:
-    """num_seqs full-length prefills with the largest token and block ids (5-byte pickled ints)."""
-    seqs = []
-    for _ in range(num_seqs):
-        seq = Sequence([151935] * max_model_len, SamplingParams(temperature=0.7, max_tokens=1000), block_size)
-        seq.num_scheduled_tokens = max_model_len
-        seq.block_table = [2**31 - 1 - i for i in range(seq.num_blocks)]
-        seqs.append(seq)
-    return seqs
-
-
-@pytest.mark.parametrize("num_seqs,max_model_len,block_size", [(512, 4096, 16), (512, 1, 16), (1, 40960, 16)])
-def test_channel_holds_the_largest_run_command(num_seqs, max_model_len, block_size):
-    seqs = worst_case_seqs(num_seqs, max_model_len, block_size)
-    data = pickle.dumps(("run", (seqs, True)), protocol=pickle.HIGHEST_PROTOCOL)
-    max_blocks = (max_model_len + block_size - 1) // block_size
-    size = channel_size(num_seqs * max_model_len, num_seqs, max_blocks)
-    assert HEADER + len(data) <= size
-    assert len(data) > 1 << 20 or num_seqs * max_model_len < 100_000  # the big case would overflow 1 MiB
-
-
-def test_channel_round_trip_and_too_large_message_raises():
-    channel = ShmChannel(unique_shm_name(), 4096, create=True)
-    try:
-        reader = ShmChannel(channel.name)
-        channel.write("run", [1, 2, 3], True)
-        with pytest.raises(RuntimeError, match="shared-memory buffer"):
-            channel.write("run", list(range(10_000)), True)
-        assert reader.read() == ("run", ([1, 2, 3], True))  # the failed write left the last message intact
-        reader.close()
-    finally:
-        channel.close()
-    assert not shm_exists(channel.name)
-
-
-def test_unique_shm_names():
-    assert len({unique_shm_name() for _ in range(100)}) == 100
-
-
 # -- weight shards -------------------------------------------------------------------------------------------
-def build_rank(path: str, rank: int, world_size: int, monkeypatch) -> torch.nn.Module:
-    """The model as rank `rank` of `world_size` builds and loads it (no process group needed to load)."""
-    from nanovllm.layers import embed_head, linear
-    from nanovllm.models import qwen3
-    for module in (linear, embed_head, qwen3):
-        if hasattr(module, "get_tp_rank"):
-            monkeypatch.setattr(module, "get_tp_rank", lambda: rank)
-        monkeypatch.setattr(module, "get_tp_size", lambda: world_size)
-    model = qwen3.Qwen3ForCausalLM(AutoConfig.from_pretrained(path), "torch")
+def build_rank(path: str, rank: int, world_size: int) -> torch.nn.Module:
+    """The model as rank `rank` of `world_size` builds and loads it (TPInfo is explicit: no process group needed)."""
+    model = Qwen3ForCausalLM(AutoConfig.from_pretrained(path), TPInfo(rank, world_size), make_backend("torch"))
     load_model(model, path)
     return model
 
 
 @pytest.mark.parametrize("kind", ["untied", "tied_bias_odd_vocab"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_shards_are_slices_of_the_checkpoint(kind, rank, tiny_model, tiny_model_factory, monkeypatch):
+def test_shards_are_slices_of_the_checkpoint(kind, rank, tiny_model, tiny_model_factory):
     path = tiny_model if kind == "untied" else tiny_model_factory(**ODD)
     full = load_file(os.path.join(path, "model.safetensors"))
     hf = AutoConfig.from_pretrained(path)
-    model = build_rank(path, rank, 2, monkeypatch)
+    model = build_rank(path, rank, 2)
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def part(name: str, dim: int = 0) -> torch.Tensor:

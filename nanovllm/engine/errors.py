@@ -14,3 +14,9 @@ class RequestsFailedError(RuntimeError):
     def __init__(self, message: str, request_ids: list[int]) -> None:
         super().__init__(message)
         self.request_ids = request_ids
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's weights cannot be loaded: a safetensors file is unreadable (corrupt or truncated), a tensor
+    has the wrong shape, or parameters are missing or unknown. The message names the file or tensors. Raised the same
+    way whatever the tensor-parallel size."""

@@ -1,89 +1,109 @@
-"""Paged attention layer: writes new K/V into the cache, then attends through the block table.
+"""Paged attention: write the new K/V into the cache, then attend through the block table.
 
-The backend is chosen here, in one place: flash-attn when importable on CUDA, else our Triton kernels
-on CUDA, else the pure-torch reference (CPU). `Config.attention_backend` overrides the choice.
+One backend object per kernels/ module, all with the same three methods, chosen once per engine
+(`Config.attention_backend`, resolved in config.py): the pure-torch reference (CPU), our Triton kernels, or
+flash-attn. Every backend reads all keys through the block table, so plain, prefix-cached and chunked prefill take
+one path.
 """
-import importlib.util
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nanovllm.utils.context import get_context
-
-BACKENDS = ("flash_attn", "triton", "torch")
+from nanovllm.utils.context import Context, get_context
 
 
-class Backend(NamedTuple):
-    store_kvcache: Callable
-    prefill: Callable  # (q, k_cache, v_cache, context, scale) -> out
-    decode: Callable   # (q, k_cache, v_cache, context, scale) -> out
+@dataclass
+class LayerKVCache:
+    """One layer's slice of the KV cache: k, v [num_blocks, block_size, num_kv_heads, head_dim]."""
+    k: torch.Tensor
+    v: torch.Tensor
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        from nanovllm.kernels import torch_attention
+        self.ops = torch_attention
+
+    def store_kvcache(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                      slot_mapping: torch.Tensor) -> None:
+        self.ops.store_kvcache_torch(key, value, cache.k, cache.v, slot_mapping)
+
+    def prefill(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        return self.ops.varlen_attention_torch(q, cache.k, cache.v, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                                               ctx.block_tables, scale)
+
+    def decode(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        return self.ops.decode_attention_torch(q, cache.k, cache.v, ctx.context_lens, ctx.block_tables, scale)
 
 
-def select_attention_backend(requested: str, device: str) -> str:
-    if requested == "auto":
-        if device != "cuda":
-            return "torch"
-        return "flash_attn" if flash_attn_available() else "triton"
-    if requested not in BACKENDS:
-        raise ValueError(f"attention_backend must be 'auto' or one of {list(BACKENDS)}, got {requested!r}")
-    if requested != "torch" and device != "cuda":
-        raise ValueError(f"attention_backend={requested!r} needs device='cuda'; use 'torch' on {device}")
-    if requested == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention_backend='flash_attn' but flash_attn is not installed; "
-                         "`pip install nano-vllm[flash-attn]` or use attention_backend='triton'")
-    return requested
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from nanovllm.kernels import triton_attention
+        self.ops = triton_attention
+
+    def store_kvcache(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                      slot_mapping: torch.Tensor) -> None:
+        self.ops.store_kvcache(key, value, cache.k, cache.v, slot_mapping)
+
+    def prefill(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        return self.ops.varlen_attention_triton(q, cache.k, cache.v, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                                                ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.block_tables, scale)
+
+    def decode(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        return self.ops.decode_attention_triton(q, cache.k, cache.v, ctx.context_lens, ctx.block_tables, scale)
 
 
-def load_backend(name: str) -> Backend:
-    if name == "torch":
-        from nanovllm.kernels import torch_attention as ta
-        return Backend(
-            ta.store_kvcache_torch,
-            lambda q, kc, vc, c, s: ta.varlen_attention_torch(q, kc, vc, c.cu_seqlens_q, c.cu_seqlens_k,
-                                                               c.block_tables, s),
-            lambda q, kc, vc, c, s: ta.decode_attention_torch(q, kc, vc, c.context_lens, c.block_tables, s))
-    from nanovllm.kernels import triton_attention as tri
-    if name == "triton":
-        return Backend(
-            tri.store_kvcache,
-            lambda q, kc, vc, c, s: tri.varlen_attention_triton(q, kc, vc, c.cu_seqlens_q, c.cu_seqlens_k,
-                                                                 c.max_seqlen_q, c.max_seqlen_k,
-                                                                 c.block_tables, s),
-            lambda q, kc, vc, c, s: tri.decode_attention_triton(q, kc, vc, c.context_lens, c.block_tables, s))
-    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-    return Backend(
-        tri.store_kvcache,
-        lambda q, kc, vc, c, s: flash_attn_varlen_func(q, kc, vc, max_seqlen_q=c.max_seqlen_q,
-                                                       cu_seqlens_q=c.cu_seqlens_q, max_seqlen_k=c.max_seqlen_k,
-                                                       cu_seqlens_k=c.cu_seqlens_k, softmax_scale=s,
-                                                       causal=True, block_table=c.block_tables),
-        lambda q, kc, vc, c, s: flash_attn_with_kvcache(q.unsqueeze(1), kc, vc, cache_seqlens=c.context_lens,
-                                                        block_table=c.block_tables, softmax_scale=s,
-                                                        causal=True).squeeze(1))
+class FlashAttnBackend(TritonBackend):
+    """flash-attn's varlen and paged-KV kernels; K/V are written by our Triton store kernel."""
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import flash_attn
+        self.fa = flash_attn
+
+    def prefill(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        return self.fa.flash_attn_varlen_func(q, cache.k, cache.v, max_seqlen_q=ctx.max_seqlen_q,
+                                              cu_seqlens_q=ctx.cu_seqlens_q, max_seqlen_k=ctx.max_seqlen_k,
+                                              cu_seqlens_k=ctx.cu_seqlens_k, softmax_scale=scale, causal=True,
+                                              block_table=ctx.block_tables)
+
+    def decode(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
+        out = self.fa.flash_attn_with_kvcache(q.unsqueeze(1), cache.k, cache.v, cache_seqlens=ctx.context_lens,
+                                              block_table=ctx.block_tables, softmax_scale=scale, causal=True)
+        return out.squeeze(1)  # [B, 1, H, D] -> [B, H, D]
+
+
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend, "flash_attn": FlashAttnBackend}
+AttentionBackend = TorchBackend | TritonBackend | FlashAttnBackend
+
+
+def make_backend(name: str) -> AttentionBackend:
+    return BACKENDS[name]()
 
 
 class Attention(nn.Module):
-    """q [N, H, D], k/v [N, H_kv, D] -> out [N, H, D]. k_cache/v_cache are bound by the model runner."""
+    """q [N, H, D], k/v [N, H_kv, D] -> out [N, H, D]. The model runner binds `kv_cache` before the first step."""
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
-                 backend: str = "torch") -> None:
+                 backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
-        self.backend = load_backend(backend)
-        self.k_cache = self.v_cache = torch.tensor([])
+        self.backend = backend
+        self.kv_cache: LayerKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        context = get_context()
-        if self.k_cache.numel() == 0:
+        ctx = get_context()
+        if self.kv_cache is None:
             raise RuntimeError("attention ran before the KV cache was allocated")
-        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, context.slot_mapping)
-        run = self.backend.prefill if context.is_prefill else self.backend.decode
-        return run(q, self.k_cache, self.v_cache, context, self.scale)
+        self.backend.store_kvcache(k, v, self.kv_cache, ctx.slot_mapping)
+        attend = self.backend.prefill if ctx.is_prefill else self.backend.decode
+        return attend(q, self.kv_cache, ctx, self.scale)

@@ -1,6 +1,7 @@
-"""Batched sampling: one row of logits and one set of parameters per sequence, no per-sequence Python loop
-and no host sync (the caller's final `.tolist()` aside). Order, as vLLM: min_tokens ban, temperature, min_p,
-top_k, top_p, then the exponential trick (argmax of probs / Exp(1) noise) with global or seeded noise."""
+"""Batched sampling: one row of logits and one set of parameters per sequence, no per-sequence Python loop and no
+host sync. Order, as vLLM: min_tokens ban, temperature, min_p, top_k, top_p, then the exponential trick
+(argmax of probs / Exp(1) noise) with noise from the counter RNG keyed by each row's (seed, position), so a row's
+sample never depends on the rest of the batch."""
 from dataclasses import dataclass
 
 import torch
@@ -13,15 +14,16 @@ NEG_INF = float("-inf")
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling parameters on the logits' device; the flags are host-side, so fast paths cost no sync."""
+    """Per-row sampling parameters on the logits' device (from a SamplingInput); the flag is host-side, so the
+    greedy fast path costs no sync."""
     temperatures: torch.Tensor           # [B] float32, 0 = greedy
+    seeds: torch.Tensor                  # [B] int64
+    positions: torch.Tensor              # [B] int64
     top_k: torch.Tensor | None = None    # [B] int64, <= 0 = off; None (with top_p) when no row needs the sort
     top_p: torch.Tensor | None = None    # [B] float32, 1 = off
     min_p: torch.Tensor | None = None    # [B] float32, 0 = off; None when no row uses it
-    seeds: torch.Tensor | None = None    # [3, S] int64: row, seed, position sampled; None when no seeded row
     banned: torch.Tensor | None = None   # [2, M] int64: row, token id masked out (min_tokens)
-    all_greedy: bool = False             # every row has temperature 0
-    all_seeded: bool = False             # every sampled (non-greedy) row is seeded: skip the global RNG
+    all_greedy: bool = False
 
 
 def ban_tokens(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
@@ -40,8 +42,8 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """One descending sort: keep ranks < k, then (on the renormalised top-k) the tokens whose more likely
-    tokens sum to < top_p, so the one crossing top_p stays."""
+    """One descending sort: keep ranks < k, then (on the renormalised top-k) the tokens whose more likely tokens sum
+    to < top_p, so the one crossing top_p stays."""
     vocab_size = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab_size, device=logits.device)
@@ -63,21 +65,10 @@ def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
     return logits.softmax(dim=-1)
 
 
-def exponential_noise(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Exp(1) noise: the global torch RNG for unseeded rows, the counter hash for seeded ones."""
-    noise = torch.ones_like(probs) if params.all_seeded else torch.empty_like(probs).exponential_()
-    if params.seeds is not None:
-        rows, seeds, positions = params.seeds
-        noise.index_copy_(0, rows, seeded_exponential(seeds, positions, probs.shape[-1]))
-    return noise.clamp_(min=1e-10)
-
-
 class Sampler(nn.Module):
     """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits)."""
 
-    def forward(self, logits: torch.Tensor, params: SamplingTensors | torch.Tensor) -> torch.Tensor:
-        if isinstance(params, torch.Tensor):  # temperatures only
-            params = SamplingTensors(params)
+    def forward(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         logits = logits.float()
         if params.banned is not None:
             logits = ban_tokens(logits, params.banned)
@@ -85,5 +76,6 @@ class Sampler(nn.Module):
         if params.all_greedy:
             return greedy
         probs = filtered_probs(logits, params)
-        sampled = probs.div_(exponential_noise(probs, params)).argmax(dim=-1)
+        noise = seeded_exponential(params.seeds, params.positions, probs.shape[-1]).clamp_(min=1e-10)
+        sampled = probs.div_(noise).argmax(dim=-1)
         return torch.where(params.temperatures == 0, greedy, sampled)

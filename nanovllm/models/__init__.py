@@ -1,4 +1,27 @@
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+"""Model registry: Hugging Face `architectures` name -> our model class."""
+from transformers import PretrainedConfig
 
-# HF `architectures` name -> model class
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.utils import uses_sliding_window
+
 MODEL_REGISTRY = {"Qwen3ForCausalLM": Qwen3ForCausalLM}
+
+
+def model_class(hf_config: PretrainedConfig, where: str = "model") -> type:
+    """The class for the checkpoint's architecture; ValueError listing the supported ones."""
+    archs = getattr(hf_config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"{where} has architectures {archs} (model_type {getattr(hf_config, 'model_type', None)!r}); "
+                     f"supported: {sorted(MODEL_REGISTRY)}")
+
+
+def check_model_config(hf_config: PretrainedConfig, where: str = "model") -> None:
+    """ValueError for a checkpoint we cannot run correctly."""
+    model_class(hf_config, where)
+    if uses_sliding_window(hf_config):
+        raise ValueError(f"{where} uses sliding-window attention (use_sliding_window / layer_types with "
+                         f"'sliding_attention', sliding_window={getattr(hf_config, 'sliding_window', None)}), which "
+                         "this engine does not implement; running it with full attention would give wrong outputs. "
+                         "Use a checkpoint with use_sliding_window=false")

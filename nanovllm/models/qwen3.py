@@ -1,34 +1,32 @@
 """Qwen3 built from tensor-parallel layers; parameter names follow the HF checkpoint."""
 import torch
 from torch import nn
-from transformers import Qwen3Config
+from transformers import PretrainedConfig
 
-from nanovllm.config import head_dim_of
+from nanovllm.distributed.tp import TPInfo
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.attention import Attention
+from nanovllm.layers.attention import Attention, AttentionBackend
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_theta_of
-from nanovllm.utils.distributed import get_tp_size
+from nanovllm.models.utils import head_dim_of
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Qwen3Config, attention_backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, tp: TPInfo, backend: AttentionBackend) -> None:
         super().__init__()
-        tp_size = get_tp_size()
         self.head_dim = head_dim_of(config)
-        self.num_heads = config.num_attention_heads // tp_size
-        self.num_kv_heads = config.num_key_value_heads // tp_size
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=bias)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+                                          config.num_key_value_heads, bias=bias, tp=tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias,
+                                        tp=tp)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta_of(config))
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
-                              attention_backend)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads, backend)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # HF keeps these with or without bias
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
@@ -43,12 +41,12 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: PretrainedConfig, tp: TPInfo) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp=tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +54,10 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, attention_backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, tp: TPInfo, backend: AttentionBackend) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, attention_backend)
-        self.mlp = Qwen3MLP(config)
+        self.self_attn = Qwen3Attention(config, tp, backend)
+        self.mlp = Qwen3MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -76,11 +74,10 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Qwen3Config, attention_backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, tp: TPInfo, backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, attention_backend)
-                                    for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, tp, backend) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -101,10 +98,10 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: Qwen3Config, attention_backend: str = "torch") -> None:
+    def __init__(self, config: PretrainedConfig, tp: TPInfo, backend: AttentionBackend) -> None:
         super().__init__()
-        self.model = Qwen3Model(config, attention_backend)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.model = Qwen3Model(config, tp, backend)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,4 +1,7 @@
-"""Per-step attention metadata, set once per forward and read by every attention layer."""
+"""Per-step attention metadata, set once per forward and read by every attention layer.
+
+It is thread-local: two engines driven from two threads each see their own step's metadata."""
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -18,28 +21,19 @@ class Context:
     block_tables: torch.Tensor | None = None   # [B, max_blocks] int32, -1 padded
 
 
-_CONTEXT = Context()
+_EMPTY = Context()
+_LOCAL = threading.local()
 
 
 def get_context() -> Context:
-    return _CONTEXT
-
-
-def set_context(**kwargs) -> None:
-    global _CONTEXT
-    _CONTEXT = Context(**kwargs)
-
-
-def reset_context() -> None:
-    global _CONTEXT
-    _CONTEXT = Context()
+    return getattr(_LOCAL, "context", _EMPTY)
 
 
 @contextmanager
-def forward_context(**kwargs) -> Iterator[Context]:
-    """Set the step's metadata for the duration of one forward; cleared even when it raises."""
-    set_context(**kwargs)
+def forward_context(context: Context) -> Iterator[Context]:
+    """Make context this thread's step metadata for the duration of one forward; cleared even when it raises."""
+    _LOCAL.context = context
     try:
-        yield _CONTEXT
+        yield context
     finally:
-        reset_context()
+        _LOCAL.context = _EMPTY

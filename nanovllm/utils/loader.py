@@ -7,6 +7,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.engine.errors import CheckpointError
+
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -38,32 +40,42 @@ def load_model(model: nn.Module, path: str) -> None:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in model directory {path!r}")
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(model, "tie_word_embeddings", False)
     loaded, homeless = defaultdict(set), []
     for file in files:
-        with safe_open(file, "pt", "cpu") as f:
-            for name in f.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-                    continue
-                param_name, shard_id = resolve(model, name)
-                param = params.get(param_name)
-                if param is None:
-                    homeless.append(name)
-                    continue
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                tensor = f.get_tensor(name)
-                try:
-                    loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
-                except ValueError as e:  # name the tensor: the layer's message only has shapes
-                    raise ValueError(f"checkpoint tensor {name!r} in {os.path.basename(file)}: {e}") from e
-                loaded[param_name].add(shard_id)
+        try:
+            load_file(model, params, file, loaded, homeless)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"cannot read checkpoint file {file!r} ({type(e).__name__}: {e}); the file is "
+                                  "corrupt or incomplete: download it again") from e
     if homeless:
-        raise ValueError(f"checkpoint tensors with no matching model parameter: {homeless[:8]}"
-                         f"{' ...' if len(homeless) > 8 else ''}")
-    check_all_loaded(model, params, loaded)
+        raise CheckpointError(f"checkpoint tensors in {path!r} with no matching model parameter: {homeless[:8]}"
+                              f"{' ...' if len(homeless) > 8 else ''}")
+    check_all_loaded(model, params, loaded, path)
 
 
-def check_all_loaded(model: nn.Module, params: dict, loaded: dict[str, set]) -> None:
+def load_file(model: nn.Module, params: dict, file: str, loaded: dict[str, set], homeless: list[str]) -> None:
+    tied = getattr(model, "tie_word_embeddings", False)
+    with safe_open(file, "pt", "cpu") as f:
+        for name in f.keys():
+            if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            param_name, shard_id = resolve(model, name)
+            param = params.get(param_name)
+            if param is None:
+                homeless.append(name)
+                continue
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            tensor = f.get_tensor(name)
+            try:
+                loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+            except ValueError as e:  # name the tensor: the layer's message only has shapes
+                raise CheckpointError(f"checkpoint tensor {name!r} in {file!r}: {e}") from e
+            loaded[param_name].add(shard_id)
+
+
+def check_all_loaded(model: nn.Module, params: dict, loaded: dict[str, set], path: str) -> None:
     shards = expected_shards(model)
     missing = []
     for name in params:
@@ -74,5 +86,5 @@ def check_all_loaded(model: nn.Module, params: dict, loaded: dict[str, set]) -> 
         if not want <= loaded.get(name, set()):
             missing.append(name)
     if missing:
-        raise ValueError(f"model parameters not found in the checkpoint: {missing[:8]}"
+        raise CheckpointError(f"model parameters not found in the checkpoint {path!r}: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")

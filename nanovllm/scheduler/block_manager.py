@@ -1,5 +1,3 @@
-from collections import deque
-
 import numpy as np
 import xxhash
 
@@ -87,9 +85,9 @@ class BlockManager:
         return hits
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Register the hashes of seq's blocks that are full within its first num_tokens tokens.
-        Blocks below num_cached_tokens were registered by earlier steps."""
-        start = seq.num_cached_tokens // self.block_size
+        """Register the hashes of seq's blocks that are full within its first num_tokens tokens (every one of them
+        known, and computed or written by a step already launched: any later reader runs after it)."""
+        start = seq.num_hashed_blocks
         h = self.blocks[seq.block_table[start - 1]].hash if start else -1
         for i in range(start, num_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
@@ -98,6 +96,7 @@ class BlockManager:
                 block.set_hash(compute_block_hash(token_ids, h), token_ids)
                 self.hash_to_block_id[block.hash] = block.block_id
             h = block.hash
+            seq.num_hashed_blocks = i + 1
 
     # -- sequences --------------------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
@@ -105,7 +104,7 @@ class BlockManager:
         return self.num_free_blocks >= seq.num_blocks - hits_in_use
 
     def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its tokens, sharing cached prefix blocks; sets num_cached_tokens."""
+        """Give seq blocks for all its tokens, sharing cached prefix blocks; sets num_computed_tokens."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         hits = self._match_prefix(seq)
@@ -117,7 +116,8 @@ class BlockManager:
             seq.block_table.append(block_id)
         for _ in range(len(hits), seq.num_blocks):
             seq.block_table.append(self._take_free_block().block_id)
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
 
     def deallocate(self, seq: Sequence, forget: bool = False) -> None:
         """Release seq's blocks, last block first so shared prefixes stay cached longest.
@@ -125,7 +125,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release_block(block_id, forget)
         seq.block_table.clear()
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
         seq.num_scheduled_tokens = 0
 
     def needs_new_block(self, seq: Sequence) -> bool:
