@@ -144,3 +144,14 @@ def test_chat_samples_from_docstrings():
     assert answers == ["A box of things to carry around.", "Put item into the box, maybe."]
     assert "`pkg.boxes.Box`" in users[0] and "`pkg.boxes.Box.put(item, *, force=False)`" in users[1]
     ast.parse(source)  # the sample source itself is valid Python
+
+
+def test_plan_steps():
+    script = load_script()
+    s = script.Settings(batch_size=4, seq_len=10, max_epochs=2.0, max_minutes=1.0)
+    assert script.plan_steps(s, 1000, None) == (50, "2 epochs")        # 2 * 1000 / (4 * 10)
+    assert script.plan_steps(s, 1000, 0.01)[0] == 50                    # the epoch cap binds
+    steps, why = script.plan_steps(s, 1000, 2.0)                        # 1 minute at 2 s/step: about 29 steps
+    assert steps == 29 and "time budget" in why
+    s.steps = 7
+    assert script.plan_steps(s, 1000, 2.0) == (7, "--steps")

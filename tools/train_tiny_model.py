@@ -25,7 +25,7 @@ import sysconfig
 import time
 import tokenize
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 # cuBLAS is deterministic only with a fixed workspace; must be set before CUDA initialises.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -55,6 +55,7 @@ SAMPLE_PROMPTS = [  # (kind, text) completed greedily for the model card
     ("chat", "What does `os.path.join(a, *p)` do?"),
     ("chat", "What does `json.dumps(obj)` do?"),
     ("chat", "introduce yourself"),
+    ("chat", "list all prime numbers within 100"),
 ]
 
 
@@ -82,11 +83,11 @@ class Settings:
     rope_theta: float = 10000.0
     # optimisation
     steps: int = 0                     # 0 = auto: min(--max-epochs, what fits in --max-minutes)
-    max_epochs: float = 20.0
+    max_epochs: float = 15.0
     max_minutes: float = 4.5
     batch_size: int = 32
     seq_len: int = 512
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     weight_decay: float = 0.1
@@ -94,7 +95,6 @@ class Settings:
     log_every: int = 50
     eval_every: int = 250
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 TINY = {"max_files": 48, "held_out_fraction": 0.1, "vocab_size": 512, "num_layers": 2, "hidden_size": 64,
@@ -230,7 +230,9 @@ def chat_samples(source: str, rel_path: str) -> list[list[dict]]:
     about `module.name(signature)` (one of CHAT_QUESTIONS, picked by a stable hash), the assistant answers with
     the docstring's first paragraph."""
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # e.g. 3.12's SyntaxWarning for invalid escape sequences
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
     mod = module_name(rel_path)
@@ -367,7 +369,7 @@ def build_model(s: Settings, vocab_size: int, tok: Tokenizer):
         num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
         head_dim=s.head_dim, hidden_act="silu", max_position_embeddings=s.max_position_embeddings,
         initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
-        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, rope_theta=s.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
         use_sliding_window=False, bos_token_id=tok.token_to_id(EOT), eos_token_id=tok.token_to_id(IM_END),
         pad_token_id=None)
     config.architectures = ["Qwen3ForCausalLM"]
@@ -477,11 +479,12 @@ def plan_steps(s: Settings, train_tokens: int, step_seconds: float | None) -> tu
 def train(model: torch.nn.Module, train_ids: torch.Tensor, held_windows: torch.Tensor, s: Settings, device: str,
           log: Log) -> TrainResult:
     """The training loop. With --steps 0 the step count is fixed after a short timed probe (steps 10..30), before
-    warmup ends, so the learning-rate schedule is the same as a run given that count with --steps."""
+    warmup ends (the warmup does not depend on it), so the learning-rate schedule is the same as that of a run given
+    that count with --steps."""
     opt = make_optimizer(model, s, device)
     gen = torch.Generator().manual_seed(s.seed)
     total, why = plan_steps(s, len(train_ids), None)
-    probe = (10, 30) if not s.steps and total > 60 else None
+    probe = (10, 30) if not s.steps and total > 60 and s.warmup_steps >= 30 else None
     curve, eval_curve, running = [], [], []
     start = time.perf_counter()
     probe_t0 = start
@@ -521,8 +524,6 @@ def train(model: torch.nn.Module, train_ids: torch.Tensor, held_windows: torch.T
             break
     sync(device)
     seconds = time.perf_counter() - start
-    if not probe and not s.steps:
-        why = f"{s.max_epochs:g} epochs"
     return TrainResult(step, why, step * s.batch_size * s.seq_len, seconds, curve, eval_curve, stopped_early)
 
 
@@ -575,7 +576,7 @@ def sample_completions(out: str, device: str, max_new_tokens: int) -> list[dict]
     return samples
 
 
-def plot_losses(path: str, result: TrainResult, unigram: float, final_held: float) -> bool:
+def plot_losses(path: str, result: TrainResult, unigram: float, initial_held: float, final_held: float) -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -585,7 +586,7 @@ def plot_losses(path: str, result: TrainResult, unigram: float, final_held: floa
         return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([x for x, _ in result.curve], [y for _, y in result.curve], label="train (mean per log interval)")
-    held = result.eval_curve + [(result.steps, final_held)]
+    held = [(0, initial_held)] + result.eval_curve + [(result.steps, final_held)]
     ax.plot([x for x, _ in held], [y for _, y in held], "o-", label="held-out")
     ax.axhline(unigram, color="gray", linestyle="--", label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
@@ -687,7 +688,7 @@ def model_card(info: dict) -> str:
     """README.md for the checkpoint."""
     r, s = info["results"], info["settings"]
     curve = "![loss curve](loss_curve.png)" if info["loss_curve_png"] else "(matplotlib was missing: no loss curve)"
-    stopped = " Stopped early by --max-minutes." if r["stopped_early"] else ""
+    stopped = " (stopped early by --max-minutes)" if r["stopped_early"] else ""
     return f"""---
 license: other
 license_name: psf-2.0
@@ -719,15 +720,16 @@ Qwen3 with {s['num_layers']} layers, hidden size {s['hidden_size']}, MLP size {s
 ## Training
     {info['command']}
 
-Run on {info['device_name']} with Python {info['python_version']}, torch {info['torch_version']}, transformers
-{info['transformers_version']}; seed {s['seed']}. {r['steps']:,} steps ({r['steps_planned']}) of {s['batch_size']}
-x {s['seq_len']} tokens: {r['tokens_seen']:,} tokens seen, {r['epochs']:.1f} passes over the
-{info['train_tokens']:,}-token training stream. AdamW (lr {s['lr']:g}, betas 0.9/0.95, weight decay
-{s['weight_decay']} on matrices),
-{s['warmup_steps']} warmup steps then cosine decay to {s['min_lr_ratio']:g} x lr, gradient clipping at
-{s['grad_clip']}, bf16 autocast on GPU, fp32 on CPU. Training took {r['train_seconds']:.0f} s, the whole script
-{info['total_seconds']:.0f} s.{stopped} The same command and seed reproduce the weights on the same software and
-hardware (weights sha256 prefix `{r['weights_sha256']}`).
+- device: {info['device_name']}; Python {info['python_version']}, torch {info['torch_version']}, transformers
+  {info['transformers_version']}; seed {s['seed']}
+- {r['steps']:,} steps ({r['steps_planned']}) of {s['batch_size']} x {s['seq_len']} tokens: {r['tokens_seen']:,}
+  tokens seen, {r['epochs']:.1f} passes over the {info['train_tokens']:,}-token training stream{stopped}
+- AdamW (lr {s['lr']:g}, betas 0.9/0.95, weight decay {s['weight_decay']} on matrices), {s['warmup_steps']} warmup
+  steps, then cosine decay to {s['min_lr_ratio']:g} x lr; gradient clipping at {s['grad_clip']}; bf16 autocast on
+  GPU, fp32 on CPU
+- training took {r['train_seconds']:.0f} s, the whole script {info['total_seconds']:.0f} s
+- the same command and seed reproduce the weights on the same software and hardware (sha256 prefix of the fp32
+  weights before the bf16 cast: `{r['weights_sha256']}`)
 
 ## Results
 Next-token cross-entropy of the final weights:
@@ -825,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     phases["samples"] = time.perf_counter() - t
     for x in samples:
         log(f"sample ({x['kind']}) {x['prompt']!r} -> {x['completion']!r}")
-    plotted = plot_losses(os.path.join(out, "loss_curve.png"), result, unigram, held_loss)
+    plotted = plot_losses(os.path.join(out, "loss_curve.png"), result, unigram, initial_held, held_loss)
 
     import transformers
     info = {
