@@ -746,6 +746,23 @@ Greedy, from the saved checkpoint loaded with `AutoModelForCausalLM` (chat promp
 {card_license(info)}"""
 
 
+def summary_rows(info: dict, out: str) -> list[tuple[str, str]]:
+    r = info["results"]
+    size = os.path.getsize(os.path.join(out, "model.safetensors"))
+    return [("python / stdlib", f"{info['python_version']}  {info['stdlib']}"),
+            ("device", info["device_name"]),
+            ("corpus", f"{info['files_train']}+{info['files_held_out']} files, {info['train_tokens']:,} train / "
+                       f"{info['held_out_tokens']:,} held-out tokens"),
+            ("model", f"{info['params']:,} params, model.safetensors {size / 2 ** 20:.2f} MiB"),
+            ("steps", f"{r['steps']:,} ({r['steps_planned']}), {r['tokens_seen']:,} tokens, {r['epochs']:.1f} epochs"),
+            ("loss train / held-out", f"{r['train_loss']:.4f} / {r['held_out_loss']:.4f} nats/token"),
+            ("unigram baseline", f"{r['unigram_loss']:.4f} nats/token"),
+            ("phases (s)", "  ".join(f"{k} {v:.1f}" for k, v in info["phases_seconds"].items())
+             + f"  total {info['total_seconds']:.1f}"),
+            ("weights sha256", r["weights_sha256"]),
+            ("files", " ".join(sorted(os.listdir(out))))]
+
+
 def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -755,20 +772,9 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    args, s = parse_args(argv)
-    log = Log()
-    phases: dict[str, float] = {}
-    device = resolve_device(s.device)
-    torch.manual_seed(s.seed)
-    np.random.seed(s.seed)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-
+def prepare_data(s: Settings, out: str, log: Log,
+                 phases: dict[str, float]) -> tuple[str, Corpus, Tokenizer, np.ndarray, np.ndarray, float]:
+    """Corpus, tokenizer (saved to out), encoded train/held-out streams and the unigram baseline."""
     t = time.perf_counter()
     root = stdlib_root()
     corpus = build_corpus(root, s)
@@ -787,14 +793,32 @@ def main(argv: list[str] | None = None) -> int:
     train_np = encode_stream(tok, corpus.train_docs)
     held_np = encode_stream(tok, corpus.held_out_docs)
     phases["encode"] = time.perf_counter() - t
-    vocab = model_vocab_size(tok)
-    unigram = unigram_cross_entropy(train_np, held_np, vocab)
+    unigram = unigram_cross_entropy(train_np, held_np, model_vocab_size(tok))
     train_bytes = sum(len(d.encode()) for d in corpus.train_docs)
     log(f"encoded: {len(train_np):,} train / {len(held_np):,} held-out tokens "
         f"({train_bytes / max(1, len(train_np)):.2f} bytes/token); unigram baseline {unigram:.4f} nats/token")
     if len(train_np) <= s.seq_len + 1 or len(held_np) <= s.seq_len + 1:
         raise ValueError(f"corpus too small for --seq-len {s.seq_len}: {len(train_np)} train and {len(held_np)} "
                          "held-out tokens; use a shorter --seq-len or more files (--max-files)")
+    return root, corpus, tok, train_np, held_np, unigram
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, s = parse_args(argv)
+    log = Log()
+    phases: dict[str, float] = {}
+    device = resolve_device(s.device)
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    root, corpus, tok, train_np, held_np, unigram = prepare_data(s, out, log, phases)
+    vocab = model_vocab_size(tok)
     train_ids, held_ids = torch.from_numpy(train_np), torch.from_numpy(held_np)
 
     model = build_model(s, vocab, tok).to(device)
@@ -848,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": samples, "phases_seconds": phases, "loss_curve_png": plotted,
     }
     info["eval_windows"] = eval_windows
-    info["total_seconds"] = log_total = time.perf_counter() - log.start
+    info["total_seconds"] = time.perf_counter() - log.start
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(info))
     info["log"] = log.lines
@@ -856,20 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(info, f, indent=1)
         f.write("\n")
 
-    size = os.path.getsize(os.path.join(out, "model.safetensors"))
-    rows = [("python / stdlib", f"{platform.python_version()}  {root}"),
-            ("device", info["device_name"]),
-            ("corpus", f"{len(corpus.train_files)}+{len(corpus.held_out_files)} files, {len(train_np):,} train / "
-                       f"{len(held_np):,} held-out tokens"),
-            ("model", f"{params:,} params, model.safetensors {size / 2 ** 20:.2f} MiB"),
-            ("steps", f"{result.steps:,} ({result.steps_planned}), {result.tokens_seen:,} tokens, "
-                      f"{info['results']['epochs']:.1f} epochs"),
-            ("loss train / held-out", f"{train_loss:.4f} / {held_loss:.4f} nats/token"),
-            ("unigram baseline", f"{unigram:.4f} nats/token"),
-            ("phases (s)", "  ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f"  total {log_total:.1f}"),
-            ("weights sha256", digest),
-            ("files", " ".join(sorted(os.listdir(out))))]
-    print("\n" + summary_table(rows))
+    print("\n" + summary_table(summary_rows(info, out)))
     return 0
 
 
