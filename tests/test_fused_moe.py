@@ -102,15 +102,17 @@ def test_fused_moe_matches_reference(poisoned_scratch, num_tokens, num_experts, 
 
 @interp
 def test_fused_moe_idle_experts_foreign_ids_int64(poisoned_scratch):
-    """Experts with no tokens, one expert spanning several blocks, ids outside [0, E) contributing nothing."""
+    """Experts with no tokens, one expert spanning several blocks, ids outside [0, E) contributing nothing;
+    hidden states as a strided view."""
     gen = torch.Generator().manual_seed(1)
     num_tokens, num_experts, hidden, inter = 40, 7, 40, 20
-    x = torch.randn(num_tokens, hidden, generator=gen).to(DEV)
+    x = torch.randn(num_tokens, hidden + 8, generator=gen).to(DEV)[:, 3:3 + hidden]
     w13, w2 = make_experts(num_experts, hidden, inter, torch.float32, gen)
     ids = torch.tensor([0, 3, 6], dtype=torch.int64)[torch.randint(0, 3, (num_tokens, 3), generator=gen)]
     ids[:, 0] = 3  # expert 3 gets >= 40 slots: three 16-row blocks
     ids[5, 1], ids[9, 2], ids[11] = -1, num_experts, -1  # token 11 has no expert of ours at all
     weights = torch.rand(num_tokens, 3, generator=gen)
+    assert x.stride(0) == hidden + 8
     check_moe(x, w13, w2, weights.to(DEV), ids.to(DEV))
     ref = fused_moe_torch(x, w13, w2, weights.to(DEV), ids.to(DEV))
     assert ref[11].abs().max().item() == 0.0

@@ -115,7 +115,7 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int, interpret: bool = 
     if per_expert <= 8:  # T <= 128
         return MoeConfig(16, GemmTile(64, 128, 4, 3), GemmTile(128, 128, 4, 3))
     if per_expert <= 16:  # T <= 256
-        return MoeConfig(32, GemmTile(64, 128, 4, 3), GemmTile(128, 128, 8, 3))
+        return MoeConfig(32, GemmTile(64, 128, 4, 3), GemmTile(128, 128, 4, 3))
     if per_expert <= 48:  # T <= 768
         return MoeConfig(64, GemmTile(64, 64, 4, 4), GemmTile(128, 64, 4, 4))
     return MoeConfig(128, GemmTile(128, 64, 8, 4), GemmTile(256, 64, 8, 4))
