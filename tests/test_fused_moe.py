@@ -252,6 +252,14 @@ def test_fused_moe_in_fresh_process():
 HIDDEN_30B, EXPERTS_30B, TOPK_30B = 2048, 128, 8
 
 
+def experts_30b(inter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 w13 [128, 2I, 2048], w2 [128, 2048, I], drawn on the GPU (1.2 GB at I=768)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    w13 = torch.randn(EXPERTS_30B, 2 * inter, HIDDEN_30B, device=DEV, generator=gen) / HIDDEN_30B ** 0.5
+    w2 = torch.randn(EXPERTS_30B, HIDDEN_30B, inter, device=DEV, generator=gen) / inter ** 0.5
+    return w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+
+
 def routed_inputs(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bf16 hidden states and routing from random router logits (softmax top-8, renormalised)."""
     x = torch.randn(num_tokens, HIDDEN_30B, generator=gen).to(DEV, torch.bfloat16)
@@ -265,7 +273,7 @@ def routed_inputs(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("num_tokens", [1, 64, 1024])
 def test_gpu_fused_moe_bf16_30b_shapes(inter, num_tokens):
     gen = torch.Generator().manual_seed(num_tokens + inter)
-    w13, w2 = make_experts(EXPERTS_30B, HIDDEN_30B, inter, torch.bfloat16, gen)
+    w13, w2 = experts_30b(inter, num_tokens + inter)
     x, weights, ids = routed_inputs(num_tokens, gen)
     torch.cuda.set_sync_debug_mode("error")  # the kernel path must not sync with the host
     try:
@@ -282,7 +290,7 @@ def test_gpu_fused_moe_bf16_30b_shapes(inter, num_tokens):
 def test_gpu_fused_moe_cuda_graph_replay(num_tokens):
     """Capture once for a fixed T; replay with new hidden states and routing (incl. foreign ids)."""
     gen = torch.Generator().manual_seed(7000 + num_tokens)
-    w13, w2 = make_experts(EXPERTS_30B, HIDDEN_30B, 384, torch.bfloat16, gen)
+    w13, w2 = experts_30b(384, 7000 + num_tokens)
     x, weights, ids = routed_inputs(num_tokens, gen)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
