@@ -7,7 +7,6 @@ its counterpart in torch_attention.py. All launches are free of host syncs; deco
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -161,14 +160,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
 def _prefill_config(head_dim: int, elem_size: int, interpret: bool) -> dict:
     """Rows per tile (query tokens x group heads), KV tile length, warps and pipeline depth."""
     if interpret:
-        return dict(rows=64, tile_n=32, num_warps=4, num_stages=1)
+        return {"rows": 64, "tile_n": 32, "num_warps": 4, "num_stages": 1}
     if elem_size > 2:  # fp32: twice the shared memory per tile
-        return dict(rows=64, tile_n=32, num_warps=4, num_stages=2)
+        return {"rows": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}
     if head_dim <= 64:
-        return dict(rows=128, tile_n=64, num_warps=4, num_stages=3)
+        return {"rows": 128, "tile_n": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 128:  # H100 sweep, 8x1024 / 4x4096 tokens: 248 / 359 TFLOP/s vs 212 / 317 for 128x64 w8 s3
-        return dict(rows=64, tile_n=64, num_warps=4, num_stages=2)
-    return dict(rows=64, tile_n=32, num_warps=8, num_stages=2)
+        return {"rows": 64, "tile_n": 64, "num_warps": 4, "num_stages": 2}
+    return {"rows": 64, "tile_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -305,12 +304,12 @@ def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> dict:
     """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe)."""
     batch = q.shape[0]
     if _interpreting(q):
-        return dict(tile_n=32, num_warps=4, num_stages=1, max_splits=4, min_split_tiles=1)
+        return {"tile_n": 32, "num_warps": 4, "num_stages": 1, "max_splits": 4, "min_split_tiles": 1}
     sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
     target = 2 * sms  # programs wanted; split only when batch x kv_heads is short of it (H100-tuned)
     max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
     tile_n = 64 if head_dim <= 128 else 32
-    return dict(tile_n=tile_n, num_warps=4, num_stages=2, max_splits=max_splits, min_split_tiles=4)
+    return {"tile_n": tile_n, "num_warps": 4, "num_stages": 2, "max_splits": max_splits, "min_split_tiles": 4}
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -378,11 +377,15 @@ def _group_size(num_heads: int, num_kv_heads: int) -> int:
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    _check_cache_layout(k_cache, v_cache, num_kv_heads, head_dim)
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")
+
+
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be "
                          "[num_blocks, block_size, num_kv_heads, head_dim] with equal strides")
     if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not match num_kv_heads {num_kv_heads}, "
                          f"head_dim {head_dim} (last dim must be contiguous)")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")
