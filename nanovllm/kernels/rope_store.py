@@ -5,6 +5,13 @@ Qwen3's q_norm / k_norm), rotated by the neox (rotate-half) RoPE with fp32 cos/s
 rounded once to the model dtype. q is written back IN PLACE into q's storage (the strided view is returned);
 k goes to the cache only (never back to memory); v is copied to the cache unchanged. slot -1 rows still
 rotate q but store nothing. Without q/k weights the norm is skipped (Llama / Qwen2: RoPE + store only).
+
+Note: HF rounds cos/sin to the model dtype before rotating; we rotate with the fp32 table (one rounding at the
+end), so results can differ from HF's eager bf16 path by about one bf16 ulp.
+
+FP8 KV cache (k_scale / v_scale given): k (after rounding to the model dtype, so the result equals RoPE
+followed by store_kvcache) and v are quantised per (token, head) in the same pass, codes and scales written
+as store_kvcache does.
 """
 from __future__ import annotations
 
@@ -13,8 +20,8 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.norm import rms_norm_torch
-from nanovllm.kernels.torch_attention import store_kvcache_torch
-from nanovllm.kernels.triton_attention import _check_cache_layout
+from nanovllm.kernels.torch_attention import check_kv_scales, store_kvcache_torch
+from nanovllm.kernels.triton_attention import _check_cache_layout, _fp8_encode, _fp8_scale, _kernel_cache_args
 
 
 @triton.jit
@@ -39,20 +46,33 @@ def _norm_rope(x1, x2,        # [HEADS_P2, HALF_P2] first / second halves of eac
 
 
 @triton.jit
+def _store_halves_fp8(cache_ptr,  # uint8 view of a float8_e4m3fn cache
+                      scale_ptr,  # [num_blocks, H_kv, block_size] fp32
+                      dst, sdst, x1, x2, head_ok, mask, HALF: tl.constexpr):
+    """Quantise heads given as halves x1, x2 [HEADS, HALF_P2] (fp32, padding zero) with one scale per head."""
+    amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
+    scale, inv = _fp8_scale(amax)
+    tl.store(cache_ptr + dst, _fp8_encode(x1, inv), mask=mask)
+    tl.store(cache_ptr + dst + HALF, _fp8_encode(x2, inv), mask=mask)
+    tl.store(scale_ptr + sdst, scale, mask=head_ok)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
         q_ptr,                      # [N, H, D] strided rows/heads; rewritten in place
         k_ptr, v_ptr,               # [N, H_kv, D] strided rows/heads
         pos_ptr,                    # [N] int
         cos_sin_ptr,                # [max_pos, D] fp32: [cos | sin]
-        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D]
+        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D] (uint8 views when FP8)
+        k_scale_ptr, v_scale_ptr,   # [num_blocks, H_kv, block_size] fp32 (FP8 only)
         slot_ptr,                   # [N] int; -1 = do not store
         qw_ptr, kw_ptr,             # [D] norm weights (Q_NORM / K_NORM)
         eps,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-        stride_cblk, stride_cslot, stride_ch,
+        stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
+        Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     tok = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, HALF_P2)
@@ -82,11 +102,19 @@ def _qk_norm_rope_store_kernel(
     v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
         + offs_kh[:, None] * stride_ch + offs_c[None, :]
-    cache_dtype = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
-    tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
-    tl.store(v_cache_ptr + dst, v1.to(cache_dtype), mask=kv_mask)
-    tl.store(v_cache_ptr + dst + HALF, v2.to(cache_dtype), mask=kv_mask)
+    if FP8:  # quantise per (token, head) over both halves; scales beside the codes
+        sdst = (slot // BLOCK_SIZE) * stride_sblk + offs_kh * stride_sh + slot % BLOCK_SIZE
+        head_ok = offs_kh < tl.where(slot >= 0, NUM_KV_HEADS, 0)
+        _store_halves_fp8(k_cache_ptr, k_scale_ptr, dst, sdst, k1.to(tl.float32), k2.to(tl.float32), head_ok,
+                          kv_mask, HALF)
+        _store_halves_fp8(v_cache_ptr, v_scale_ptr, dst, sdst, v1.to(tl.float32), v2.to(tl.float32), head_ok,
+                          kv_mask, HALF)
+    else:
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + dst, v1.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + dst + HALF, v2.to(cache_dtype), mask=kv_mask)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -123,19 +151,19 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_cache_layout(k_cache, v_cache, num_kv_heads, head_dim)
-    if k_scale is not None or v_scale is not None:
-        raise ValueError("fp8 KV cache scales are not supported yet")
+    fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     if num_tokens == 0:
         return q
+    k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
     _qk_norm_rope_store_kernel[(num_tokens,)](
-        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        q, k, v, positions, cos_sin_cache, k_dst, v_dst, k_scale, v_scale, slot_mapping,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else q, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
         HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
-        Q_NORM=q_weight is not None, K_NORM=k_weight is not None,
+        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8,
         num_warps=1 if q.device.type == "cpu" else 4)
     return q
 
@@ -163,5 +191,5 @@ def qk_norm_rope_store_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _check_inputs(q, k, v, positions, cos_sin_cache, slot_mapping, q_weight, k_weight)
     cos, sin = cos_sin_cache[positions.long()].float().chunk(2, -1)  # [N, D/2] each
     k_rot = norm_rope_torch(k, cos, sin, k_weight, eps)
-    store_kvcache_torch(k_rot, v, k_cache, v_cache, slot_mapping)
+    store_kvcache_torch(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q.copy_(norm_rope_torch(q, cos, sin, q_weight, eps))
