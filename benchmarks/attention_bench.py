@@ -1,11 +1,13 @@
 """Microbenchmark of the Triton attention kernels (not a test). Needs a CUDA GPU.
 
-Decode: bandwidth = bytes that must move (K/V of every context token once, plus q and out) / median time,
-also as a fraction of the measured device-to-device copy bandwidth. Prefill: causal TFLOP/s.
-Shapes: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128, bf16), block size 256.
+Decode: bandwidth = bytes that must move (K/V of every context token once, plus q and out; with an fp8
+cache the K/V bytes are the fp8 codes plus their float32 scales) / median time, also as a fraction of the
+measured device-to-device copy bandwidth and of the nominal 3.00 TB/s. Prefill: causal TFLOP/s.
+Shapes: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128, bf16 queries), block size 256.
 
-    python3 benchmarks/attention_bench.py            # default kernel configs, markdown table last
-    python3 benchmarks/attention_bench.py --sweep    # also try several tile/warp/stage/split configs
+    python3 benchmarks/attention_bench.py                   # bf16 KV cache, markdown table last
+    python3 benchmarks/attention_bench.py --kv-dtype fp8    # fp8 (e4m3) KV cache with per-(token, head) scales
+    python3 benchmarks/attention_bench.py --sweep           # also try several tile/warp/stage/split configs
 """
 from __future__ import annotations
 
@@ -24,6 +26,23 @@ from nanovllm.kernels import triton_attention as ta  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 256, torch.bfloat16
 BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096)
 L2_BYTES = 50 << 20
+NOMINAL_BW = 3.00e12
+FP8 = False  # set by --kv-dtype fp8
+
+
+def kv_bytes_per_token() -> int:
+    """K + V bytes of one token (all KV heads), scales included for fp8."""
+    return 2 * KV_HEADS * (HEAD_DIM + 4) if FP8 else 2 * KV_HEADS * HEAD_DIM * 2
+
+
+def random_cache(shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random cache in the benchmark's KV dtype and, for fp8, random float32 scales."""
+    if not FP8:
+        return torch.randn(shape, dtype=DTYPE, device="cuda"), None
+    codes = torch.randint(0, 127, shape, dtype=torch.uint8, device="cuda")  # no NaN code (127)
+    codes |= torch.randint(0, 2, shape, dtype=torch.uint8, device="cuda") << 7
+    scales = torch.rand(ta.kv_scale_shape(codes), device="cuda") / 448 + 1e-3
+    return codes.view(torch.float8_e4m3fn), scales
 
 
 def copy_bandwidth() -> float:
@@ -39,13 +58,14 @@ class DecodeInputs:
 
     def __init__(self, max_blocks: int):
         shape = (max_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-        self.k = torch.randn(shape, dtype=DTYPE, device="cuda")
-        self.v = torch.randn(shape, dtype=DTYPE, device="cuda")
+        self.k, k_scale = random_cache(shape)
+        self.v, v_scale = random_cache(shape)
+        self.scales = {"k_scale": k_scale, "v_scale": v_scale} if FP8 else {}
         self.num_blocks = max_blocks
 
     def sets(self, batch: int, ctx: int) -> list[tuple]:
         width = triton.cdiv(ctx, BLOCK_SIZE)
-        set_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
+        set_bytes = batch * ctx * kv_bytes_per_token()
         n_sets = max(2, min(64, triton.cdiv(4 * L2_BYTES, set_bytes)))
         ctx_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         out = []
@@ -57,13 +77,13 @@ class DecodeInputs:
 
 
 def decode_bytes(batch: int, ctx: int) -> int:
-    return batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * batch * HEADS * HEAD_DIM * 2
+    return batch * ctx * kv_bytes_per_token() + 2 * batch * HEADS * HEAD_DIM * 2
 
 
 def _decode_call(inputs: DecodeInputs, config: dict | None):
     scale = HEAD_DIM ** -0.5
     return lambda q, ctx_lens, table: ta.decode_attention_triton(q, inputs.k, inputs.v, ctx_lens, table, scale,
-                                                                 config=config)
+                                                                 config=config, **inputs.scales)
 
 
 def time_decode(inputs: DecodeInputs, batch: int, ctx: int, config: dict | None) -> float:
@@ -95,7 +115,7 @@ def decode_error(inputs: DecodeInputs, batch: int, ctx: int, config: dict) -> fl
 
 def default_decode_config(batch: int) -> dict:
     q = torch.empty(batch, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    return ta._decode_config(q, KV_HEADS, HEAD_DIM)
+    return ta._decode_config(q, KV_HEADS, HEAD_DIM, FP8)
 
 
 def split_cap(batch: int, waves: int) -> int:
@@ -105,20 +125,23 @@ def split_cap(batch: int, waves: int) -> int:
 
 def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
     points = [(256, 1024), (64, 1024), (64, 4096), (16, 4096), (64, 512), (1, 4096)]
-    variants = [dict(tile_n=t, num_warps=w, num_stages=st, waves=2, min_split_tiles=4)
-                for t, w, st in [(64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 3), (128, 4, 2), (128, 8, 2),
-                                 (64, 2, 2)]]
-    variants += [dict(tile_n=64, num_warps=4, num_stages=2, waves=w, min_split_tiles=m)
+    tiles = [(64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 3), (128, 4, 2), (128, 8, 2), (64, 2, 2)]
+    if FP8:
+        tiles += [(64, 4, 4), (64, 8, 3), (128, 4, 3), (32, 4, 4)]
+    variants = [{"tile_n": t, "num_warps": w, "num_stages": st, "waves": 2, "min_split_tiles": 4}
+                for t, w, st in tiles]
+    variants += [{"tile_n": 64, "num_warps": 4, "num_stages": 2, "waves": w, "min_split_tiles": m}
                  for w, m in [(1, 4), (4, 4), (8, 4), (2, 2), (2, 8), (8, 2)]]
-    print("\n## decode sweep (CUDA graph; fraction of copy bandwidth; max |diff| vs default config)")
+    print(f"\n## decode sweep, {'fp8' if FP8 else 'bf16'} KV (CUDA graph; fraction of copy bandwidth; "
+          "max |diff| vs default config)")
     print("| tile_n | warps | stages | waves | min_split_tiles | " + " | ".join(f"{b}x{c}" for b, c in points)
           + " | max diff |")
     print("|" + "---|" * (6 + len(points)))
     for v in variants:
         cells, err = [], 0.0
         for batch, ctx in points:
-            cfg = dict(tile_n=v["tile_n"], num_warps=v["num_warps"], num_stages=v["num_stages"],
-                       max_splits=split_cap(batch, v["waves"]), min_split_tiles=v["min_split_tiles"])
+            cfg = {"tile_n": v["tile_n"], "num_warps": v["num_warps"], "num_stages": v["num_stages"],
+                   "max_splits": split_cap(batch, v["waves"]), "min_split_tiles": v["min_split_tiles"]}
             try:
                 ms = time_decode_graph(inputs, batch, ctx, cfg)
                 cells.append(f"{decode_bytes(batch, ctx) / (ms * 1e-3) / copy_bw:.1%}")
@@ -132,19 +155,20 @@ def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
 def prefill_inputs(num_seqs: int, seqlen: int):
     gen = torch.Generator(device="cuda").manual_seed(0)
     width = triton.cdiv(seqlen, BLOCK_SIZE)
-    k = torch.randn(num_seqs * width, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
-    v = torch.randn_like(k)
+    shape = (num_seqs * width, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    (k, k_scale), (v, v_scale) = random_cache(shape), random_cache(shape)
     q = torch.randn(num_seqs * seqlen, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     table = torch.randperm(num_seqs * width, device="cuda").view(num_seqs, width).to(torch.int32)
     cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seqlen
-    return q, k, v, cu, table
+    scales = {"k_scale": k_scale, "v_scale": v_scale} if FP8 else {}
+    return q, k, v, cu, table, scales
 
 
 def time_prefill(num_seqs: int, seqlen: int, config: dict | None) -> tuple[float, float, float]:
     """(ms, TFLOP/s, max |diff| vs default config) of causal prefill; FLOPs of the unmasked half only."""
-    q, k, v, cu, table = prefill_inputs(num_seqs, seqlen)
+    q, k, v, cu, table, scales = prefill_inputs(num_seqs, seqlen)
     fn = lambda cfg: ta.varlen_attention_triton(q, k, v, cu, cu, seqlen, seqlen, table,  # noqa: E731
-                                                HEAD_DIM ** -0.5, config=cfg)
+                                                HEAD_DIM ** -0.5, config=cfg, **scales)
     ms = do_bench(lambda: fn(config), warmup=25, rep=150, return_mode="median")
     err = (fn(config).float() - fn(None).float()).abs().max().item()
     flops = 4 * num_seqs * HEADS * HEAD_DIM * seqlen * (seqlen + 1) / 2
@@ -159,7 +183,7 @@ def sweep_prefill() -> None:
     for rows, tile_n, warps, stages in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
                                         (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 4),
                                         (128, 64, 4, 2), (64, 128, 8, 2)]:
-        cfg = dict(rows=rows, tile_n=tile_n, num_warps=warps, num_stages=stages)
+        cfg = {"rows": rows, "tile_n": tile_n, "num_warps": warps, "num_stages": stages}
         cells, err = [], 0.0
         for n, s in shapes:
             try:
@@ -172,13 +196,17 @@ def sweep_prefill() -> None:
 
 
 def main() -> None:
+    global FP8
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also try several kernel configs")
+    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="KV cache format")
     args = parser.parse_args()
+    FP8 = args.kv_dtype == "fp8"
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth()
-    print(f"device: {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e12:.2f} TB/s; "
+          f"KV cache {args.kv_dtype}")
     max_blocks = max(b * triton.cdiv(c, BLOCK_SIZE) for b in BATCHES for c in CONTEXTS) * 2
     inputs = DecodeInputs(max_blocks)
     if args.sweep:
@@ -191,17 +219,21 @@ def main() -> None:
         eager_ms = time_decode(inputs, batch, ctx, None)
         bw = decode_bytes(batch, ctx) / (graph_ms * 1e-3)
         rows.append((batch, ctx, default_decode_config(batch)["max_splits"], graph_ms * 1e3, eager_ms * 1e3,
-                     bw / 1e12, bw / copy_bw))
+                     bw / 1e12, bw / copy_bw, bw / NOMINAL_BW))
     prefill = [(n, s, *time_prefill(n, s, None)[:2]) for n, s in [(8, 1024), (4, 4096), (64, 256)]]
 
-    print("\n## Prefill (causal, bf16, Qwen3-0.6B heads)\n| seqs x tokens | time (us) | TFLOP/s |\n|---|---|---|")
+    kv = "fp8 e4m3 KV (+ fp32 per-(token, head) scales)" if FP8 else "bf16 KV"
+    print(f"\n## Prefill (causal, bf16 queries, {kv}, Qwen3-0.6B heads)\n| seqs x tokens | time (us) | TFLOP/s |"
+          "\n|---|---|---|")
     for n, s, ms, tflops in prefill:
         print(f"| {n} x {s} | {ms * 1e3:.0f} | {tflops:.0f} |")
-    print(f"\n## Decode (bf16, 16/8 heads, head_dim 128, block 256; copy bw {copy_bw / 1e12:.2f} TB/s)")
-    print("time per call inside a CUDA graph (bandwidth from it) and eager (one call, Python launch included)")
-    print("| batch | context | split cap | graph (us) | eager (us) | TB/s | % of copy bw |\n|---|---|---|---|---|---|---|")
-    for batch, ctx, cap, g_us, e_us, tbs, frac in rows:
-        print(f"| {batch} | {ctx} | {cap} | {g_us:.1f} | {e_us:.1f} | {tbs:.2f} | {frac:.1%} |")
+    print(f"\n## Decode ({kv}, 16/8 heads, head_dim 128, block 256; copy bw {copy_bw / 1e12:.2f} TB/s)")
+    print("time per call inside a CUDA graph (bandwidth from it) and eager (one call, Python launch included); "
+          f"bytes per context token {kv_bytes_per_token()}")
+    print("| batch | context | split cap | graph (us) | eager (us) | TB/s | % of copy bw | % of 3.00 TB/s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for batch, ctx, cap, g_us, e_us, tbs, frac, nominal in rows:
+        print(f"| {batch} | {ctx} | {cap} | {g_us:.1f} | {e_us:.1f} | {tbs:.2f} | {frac:.1%} | {nominal:.1%} |")
 
 
 if __name__ == "__main__":

@@ -74,16 +74,17 @@ def run_prefill(paged: Paged, starts: list[int], ends: list[int], seed: int = 0)
     scale = D ** -0.5
     for i, s in enumerate(starts):
         paged.store(i, 0, s)  # the cached prefix, written by earlier steps
-    qs = [paged.randn(e - s, paged.heads, D) for s, e in zip(starts, ends)]
-    new_k = torch.cat([paged.k[i][s:e] for i, (s, e) in enumerate(zip(starts, ends))])
-    new_v = torch.cat([paged.v[i][s:e] for i, (s, e) in enumerate(zip(starts, ends))])
-    slots = torch.tensor(sum((paged.slots(i, s, e) for i, (s, e) in enumerate(zip(starts, ends))), []),
+    qs = [paged.randn(e - s, paged.heads, D) for s, e in zip(starts, ends, strict=True)]
+    new_k = torch.cat([paged.k[i][s:e] for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    new_v = torch.cat([paged.v[i][s:e] for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    slots = torch.tensor(sum((paged.slots(i, s, e) for i, (s, e) in enumerate(zip(starts, ends, strict=True))), []),
                          dtype=torch.int32)
     store_kvcache_torch(new_k, new_v, paged.k_cache, paged.v_cache, slots)
-    cu_q = torch.tensor([0] + [e - s for s, e in zip(starts, ends)]).cumsum(0).to(torch.int32)
+    cu_q = torch.tensor([0] + [e - s for s, e in zip(starts, ends, strict=True)]).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + ends).cumsum(0).to(torch.int32)
     out = varlen_attention_torch(torch.cat(qs), paged.k_cache, paged.v_cache, cu_q, cu_k, paged.block_table, scale)
-    ref = torch.cat([dense_causal(q, paged.k[i][:e], paged.v[i][:e], scale) for i, (q, e) in enumerate(zip(qs, ends))])
+    ref = torch.cat([dense_causal(q, paged.k[i][:e], paged.v[i][:e], scale)
+                     for i, (q, e) in enumerate(zip(qs, ends, strict=True))])
     check(out, ref, paged.dtype)
 
 

@@ -16,10 +16,8 @@ import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from nanovllm.kernels.torch_attention import (  # noqa: E402
-    decode_attention_torch, store_kvcache_torch, varlen_attention_torch)
-from nanovllm.kernels.triton_attention import (  # noqa: E402
-    decode_attention_triton, store_kvcache, varlen_attention_triton)
+from nanovllm.kernels.torch_attention import decode_attention_torch, store_kvcache_torch, varlen_attention_torch  # noqa: E402
+from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -97,8 +95,8 @@ def fill_cache(cache: PagedCache, lens: list[int], num_kv_heads: int, head_dim: 
     """Write random K/V for every sequence: old tokens with the reference store, the last new[i] tokens
     with the Triton store (from non-contiguous views, as the attention layer passes them)."""
     new = new or [0] * len(lens)
-    old_slots = torch.cat([cache.slots(i, 0, n - m) for i, (n, m) in enumerate(zip(lens, new))])
-    new_slots = torch.cat([cache.slots(i, n - m, n) for i, (n, m) in enumerate(zip(lens, new))])
+    old_slots = torch.cat([cache.slots(i, 0, n - m) for i, (n, m) in enumerate(zip(lens, new, strict=True))])
+    new_slots = torch.cat([cache.slots(i, n - m, n) for i, (n, m) in enumerate(zip(lens, new, strict=True))])
     for slots, store in ((old_slots, store_kvcache_torch), (new_slots, store_kvcache)):
         if slots.numel() == 0:
             continue
@@ -206,9 +204,10 @@ DECODE_CASES = [  # (ctx_lens, num_heads, num_kv_heads, head_dim, block_size, co
     ([1, 17, 0, 100, 64], 4, 2, 32, 16, None),            # padded row, splits of a 16-token block table
     ([130, 0, 0, 33], 6, 2, 32, 32, None),                # GQA 3, trailing padding
     ([95, 200, 7], 16, 8, 64, 64, None),                  # Qwen-like GQA ratio, head_dim 64
-    ([150, 3], 4, 1, 16, 16, dict(tile_n=32, num_warps=4, num_stages=1, max_splits=3, min_split_tiles=1)),
-    ([150, 0, 61], 2, 2, 128, 64, dict(tile_n=16, num_warps=4, num_stages=1, max_splits=1, min_split_tiles=1)),
-    ([257, 40], 8, 2, 32, 256, dict(tile_n=64, num_warps=4, num_stages=1, max_splits=8, min_split_tiles=1)),
+    ([150, 3], 4, 1, 16, 16, {"tile_n": 32, "num_warps": 4, "num_stages": 1, "max_splits": 3, "min_split_tiles": 1}),
+    ([150, 0, 61], 2, 2, 128, 64,
+     {"tile_n": 16, "num_warps": 4, "num_stages": 1, "max_splits": 1, "min_split_tiles": 1}),
+    ([257, 40], 8, 2, 32, 256, {"tile_n": 64, "num_warps": 4, "num_stages": 1, "max_splits": 8, "min_split_tiles": 1}),
 ]
 
 
@@ -268,7 +267,7 @@ def test_gpu_prefill_bf16(block_size, mode):
     if mode == "chunked":  # a 256-token chunk (or the whole rest) after up to 3000 cached tokens
         q_lens = [min(q, 256) for q in q_lens]
     cached = {"plain": [0] * 7, "prefix": _lens(gen, 7, 0, 1000), "chunked": _lens(gen, 7, 1, 3000)}[mode]
-    k_lens = [q + c for q, c in zip(q_lens, cached)]
+    k_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     check_prefill(q_lens, k_lens, 16, 8, 128, block_size, torch.bfloat16, seed=seed + 1)
 
 
@@ -280,7 +279,7 @@ def test_gpu_prefill_bf16(block_size, mode):
 def test_gpu_prefill_shapes(heads, kv_heads, head_dim, dtype):
     gen = torch.Generator().manual_seed(2000 + heads * 100 + head_dim)
     q_lens = _lens(gen, 4, 1, 700)
-    k_lens = [q + p for q, p in zip(q_lens, _lens(gen, 4, 0, 500))]
+    k_lens = [q + p for q, p in zip(q_lens, _lens(gen, 4, 0, 500), strict=True)]
     check_prefill(q_lens, k_lens, heads, kv_heads, head_dim, 16 * (1 + (heads % 2)), dtype, seed=2001 + heads)
 
 

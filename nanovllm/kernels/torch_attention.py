@@ -2,25 +2,88 @@
 
 Cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
 Slot s lives at block s // block_size, offset s % block_size.
+
+FP8 KV cache (k_scale / v_scale given): the caches are float8_e4m3fn and every (token, KV head) vector x of
+head_dim values is stored as codes = round(x / s) with its own float32 scale s = amax(|x|) / 448 (1 where x is
+all zeros), kept in k_scale / v_scale of shape kv_scale_shape(k_cache) = [num_blocks, num_kv_heads, block_size].
+Why per (token, head): scales are computed when the token is written (no calibration), a written token never
+needs requantising when later tokens arrive (decode appends one at a time), one outlier only coarsens its own
+128 values, and the cost is 4 bytes per 128 (3%). Head-major scales within a block make one KV head's scales
+for a tile of tokens contiguous for the attention kernels.
 """
+import struct
+
 import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_INV_MAX = struct.unpack("f", struct.pack("f", 1 / 448))[0]  # 1/448 rounded to float32
+
+
+def kv_scale_shape(k_cache: torch.Tensor) -> tuple[int, int, int]:
+    """Shape of the float32 k_scale / v_scale tensors of an fp8 cache: [num_blocks, num_kv_heads, block_size]."""
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    return num_blocks, num_kv_heads, block_size
+
+
+def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> bool:
+    """True for an fp8 cache with valid scales, False for a plain cache; ValueError for anything in between."""
+    if k_scale is None and v_scale is None:
+        if k_cache.dtype == FP8_DTYPE:
+            raise ValueError("an fp8 KV cache needs k_scale and v_scale (float32, kv_scale_shape(k_cache))")
+        return False
+    if k_scale is None or v_scale is None:
+        raise ValueError("pass both k_scale and v_scale (fp8 cache) or neither (cache in the model dtype)")
+    if k_cache.dtype != FP8_DTYPE or v_cache.dtype != FP8_DTYPE:
+        raise ValueError(f"k_scale / v_scale need float8_e4m3fn caches, got {k_cache.dtype} / {v_cache.dtype}")
+    shape = kv_scale_shape(k_cache)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if (scale.shape != shape or scale.dtype != torch.float32 or not scale.is_contiguous()
+                or scale.device != k_cache.device):
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape} on {k_cache.device} "
+                             f"(kv_scale_shape(k_cache)), got {tuple(scale.shape)} {scale.dtype}")
+    return True
+
+
+def quantize_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (float8_e4m3fn codes [..., D], float32 scales [...]) with x ~= codes * scale."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) * FP8_INV_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    inv = 1.0 / scale
+    return (xf * inv.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """Write key/value [N, num_kv_heads, head_dim] into their cache slots; slot -1 means skip."""
+                        slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> None:
+    """Write key/value [N, num_kv_heads, head_dim] into their cache slots; slot -1 means skip.
+    With k_scale / v_scale the cache is fp8: values are quantised per (token, head) and their scales stored."""
+    fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+    for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        x = x[valid]
+        if fp8:
+            x, s = quantize_fp8_torch(x)
+            block_size = cache.shape[1]
+            scale[slots // block_size, :, slots % block_size] = s  # [n, H_kv] into [blocks, H_kv, block_size]
+        cache.view(-1, *cache.shape[2:])[slots] = x.to(cache.dtype)
 
 
-def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen_k: int) -> torch.Tensor:
-    """Keys (or values) of one sequence read through its block table: [seqlen_k, num_kv_heads, head_dim]."""
+def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen_k: int,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys (or values) of one sequence read through its block table: [seqlen_k, num_kv_heads, head_dim]
+    (float32, dequantised, when `scale` is given)."""
     block_size = cache.shape[1]
     num_blocks = (seqlen_k + block_size - 1) // block_size
     blocks = block_table_row[:num_blocks].long()
-    return cache[blocks].flatten(0, 1)[:seqlen_k]  # [num_blocks * block_size, H_kv, D] -> [seqlen_k, H_kv, D]
+    x = cache[blocks].flatten(0, 1)[:seqlen_k]  # [num_blocks * block_size, H_kv, D] -> [seqlen_k, H_kv, D]
+    if scale is None:
+        return x
+    s = scale[blocks].transpose(1, 2).flatten(0, 1)[:seqlen_k]  # [blocks, H_kv, bs] -> [seqlen_k, H_kv]
+    return x.float() * s.unsqueeze(-1)
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -40,28 +103,32 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 
 def varlen_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                           block_table: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                           block_table: torch.Tensor, softmax_scale: float, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill: q [total_q, H, D] packed by cu_seqlens_q; keys of sequence i are the first
-    cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens reached through block_table[i]."""
-    out = torch.empty_like(q)
+    cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens reached through block_table[i]. k_scale / v_scale: fp8 cache."""
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         seqlen_k = ck[i + 1] - ck[i]
-        k = gather_kv(k_cache, block_table[i], seqlen_k)
-        v = gather_kv(v_cache, block_table[i], seqlen_k)
+        k = gather_kv(k_cache, block_table[i], seqlen_k, k_scale)
+        v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale)
         out[cq[i]:cq[i + 1]] = attend_one(q[cq[i]:cq[i + 1]], k, v, softmax_scale)
     return out
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_table: torch.Tensor,
-                           softmax_scale: float) -> torch.Tensor:
+                           softmax_scale: float, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode: q [B, H, D], one query per sequence over its context_lens[i] cached tokens.
-    Rows with context length 0 (padding) produce zeros."""
-    out = torch.zeros_like(q)
+    Rows with context length 0 (padding) produce zeros. k_scale / v_scale: fp8 cache."""
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for i, seqlen_k in enumerate(context_lens.tolist()):
         if seqlen_k > 0:
-            k = gather_kv(k_cache, block_table[i], seqlen_k)
-            v = gather_kv(v_cache, block_table[i], seqlen_k)
+            k = gather_kv(k_cache, block_table[i], seqlen_k, k_scale)
+            v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale)
             out[i:i + 1] = attend_one(q[i:i + 1], k, v, softmax_scale)
     return out

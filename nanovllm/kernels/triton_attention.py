@@ -3,17 +3,30 @@
 Cache layout (per layer): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
 slot s lives at block s // block_size, offset s % block_size. Each function computes the same thing as
 its counterpart in torch_attention.py. All launches are free of host syncs; decode is CUDA-graph safe.
+
+FP8 KV cache: pass k_scale / v_scale (float32, kv_scale_shape(k_cache) = [num_blocks, num_kv_heads, block_size])
+with float8_e4m3fn caches; the format and the per-(token, head) scale choice are described in torch_attention.py.
+The store quantises in the same pass (exact round-to-nearest-even e4m3 encoding in integer arithmetic, bit-equal
+to torch's cast, also under the CPU interpreter whose float8 cast is not). Prefill and decode load fp8 tiles,
+convert them to q's dtype in registers for tl.dot, and fold the scales into the scores (qk * k_scale per key)
+and into the probabilities before P.V (p * v_scale per key); softmax state and accumulators stay float32.
+Without scales the FP8 constexpr is False and the kernels compile exactly as before.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.torch_attention import FP8_INV_MAX, FP8_MAX, check_kv_scales, kv_scale_shape
+
 LOG2E = 1.4426950408889634
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_INV_MAX: tl.constexpr = tl.constexpr(FP8_INV_MAX)
+
+__all__ = ["decode_attention_triton", "kv_scale_shape", "store_kvcache", "varlen_attention_triton"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -21,20 +34,50 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot,
-               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr):
-    """int64 element offsets [TILE_N] of cache rows start + offs_n (same for K and V).
+def _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                ONE_PAGE: tl.constexpr):
+    """(page id as int64, offset in the page) of cache rows start + offs_n.
 
     ONE_PAGE: the tile lies inside one page (BLOCK_SIZE % TILE_N == 0) -> one scalar block-table load.
     Otherwise each token looks up its own page (masked beyond `limit`, so no out-of-range table reads).
     """
     if ONE_PAGE:
         page = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
-        return page * stride_blk + ((start % BLOCK_SIZE) + offs_n).to(tl.int64) * stride_slot
+        return page, (start % BLOCK_SIZE) + offs_n
     else:
         pos = start + offs_n
         page = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < limit, other=0).to(tl.int64)
-        return page * stride_blk + (pos % BLOCK_SIZE).to(tl.int64) * stride_slot
+        return page, pos % BLOCK_SIZE
+
+
+@triton.jit
+def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr):
+    """int64 element offsets [TILE_N] of cache rows start + offs_n (same for K and V)."""
+    page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
+    return page * stride_blk + in_page.to(tl.int64) * stride_slot
+
+
+@triton.jit
+def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, limit, qk_scale, dtype: tl.constexpr,
+              stride_cblk, stride_cslot, stride_sblk,
+              BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr):
+    """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale)."""
+    page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
+    rows = page * stride_cblk + in_page.to(tl.int64) * stride_cslot
+    srows = page * stride_sblk + in_page
+    if MASKED:
+        ok = start + offs_n < limit
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        ks = tl.load(ks_head + srows, mask=ok, other=0.0)
+        vs = tl.load(vs_head + srows, mask=ok, other=0.0)
+    else:
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :])
+        v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+        ks = tl.load(ks_head + srows)
+        vs = tl.load(vs_head + srows)
+    return k.to(dtype), v.to(dtype), ks * qk_scale, vs
 
 
 @triton.jit
@@ -49,16 +92,71 @@ def _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC: tl.constexpr):
     return acc, m_new, l_i
 
 
+@triton.jit
+def _softmax_step_vscaled(acc, m_i, l_i, qk, v, v_scale, DOT_PREC: tl.constexpr):
+    """_softmax_step for a quantised V tile: each key's probability is multiplied by its v_scale [N] before P.V
+    (the normaliser l_i uses the unscaled probabilities)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = (p * v_scale[None, :]).to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fp8_e4m3_bits(y):
+    """float32 y with |y| <= 448 -> float8_e4m3fn bit pattern (uint8), round to nearest even, as torch's cast."""
+    bits = y.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # Normal e4m3 (|y| >= 2**-6): round the 23-bit mantissa to 3 bits (half to even), rebias exponent 127 -> 7.
+    rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
+    normal = (rounded >> 20) - 960  # 960 = (127 - 7) << 3
+    # Subnormal e4m3 (|y| < 2**-6): multiples of 2**-9; the fp32 adder rounds |y| * 2**9 half to even.
+    sub = ((mag.to(tl.float32, bitcast=True) * 512.0 + 8388608.0) - 8388608.0).to(tl.uint32)
+    return (tl.where(mag >= 0x3C800000, normal, sub) | sign).to(tl.uint8)  # 0x3C800000 = 2**-6
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """Per-row amax [R] -> (scale, 1 / scale), as torch_attention.quantize_fp8_torch: amax / 448, 1 if that is 0."""
+    scale = amax * _FP8_INV_MAX
+    scale = tl.where(scale > 0, scale, 1.0)
+    return scale, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _fp8_encode(x, inv):
+    """x [R, C] fp32, inv [R] -> e4m3 codes [R, C] (uint8) of clamp(x * inv, -448, 448)."""
+    return _fp8_e4m3_bits(tl.minimum(tl.maximum(x * inv[:, None], -_FP8_MAX), _FP8_MAX))
+
+
 # ----------------------------------------------------------------------------------------------
 # store_kvcache
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _store_fp8(cache_ptr,  # uint8 view of a float8_e4m3fn cache
+               scale_ptr,  # [num_blocks, H_kv, block_size] fp32
+               dst, sdst, x, head_ok):
+    """Quantise x [HEADS, D] (fp32) per head; codes to cache_ptr + dst [HEADS, D], scales to scale_ptr + sdst."""
+    scale, inv = _fp8_scale(tl.max(tl.abs(x), 1))
+    tl.store(cache_ptr + dst, _fp8_encode(x, inv), mask=head_ok[:, None])
+    tl.store(scale_ptr + sdst, scale, mask=head_ok)
+
+
+@triton.jit
+def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows / heads
+                          k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, H_kv, D] (uint8 views when FP8)
+                          slot_ptr,                  # [N] int; -1 = skip
+                          k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                           stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_cblk, stride_cslot, stride_ch,
+                          stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     offs_h = tl.arange(0, HEADS_P2)
@@ -70,27 +168,46 @@ def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr
         + offs_h[:, None] * stride_ch + offs_d[None, :]
     k = tl.load(key_ptr + src_k, mask=mask)
     v = tl.load(value_ptr + src_v, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if FP8:  # quantise per (token, head) in registers; scales beside the codes
+        sdst = (slot // BLOCK_SIZE) * stride_sblk + offs_h * stride_sh + slot % BLOCK_SIZE
+        head_ok = offs_h < tl.where(slot >= 0, NUM_KV_HEADS, 0)
+        _store_fp8(k_cache_ptr, k_scale_ptr, dst, sdst, k.to(tl.float32), head_ok)
+        _store_fp8(v_cache_ptr, v_scale_ptr, dst, sdst, v.to(tl.float32), head_ok)
+    else:
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write key/value [N, num_kv_heads, head_dim] into cache slots slot_mapping [N]; slot -1 = skip."""
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write key/value [N, num_kv_heads, head_dim] into cache slots slot_mapping [N]; slot -1 = skip.
+    k_scale / v_scale given: float8_e4m3fn caches, quantised per (token, head) with the scales written too."""
     num_tokens, num_kv_heads, head_dim = key.shape
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     if value.shape != key.shape or slot_mapping.shape != (num_tokens,):
         raise ValueError(f"store_kvcache: key {tuple(key.shape)}, value {tuple(value.shape)}, "
                          f"slot_mapping {tuple(slot_mapping.shape)} do not match")
     if num_tokens == 0:
         return
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
     _store_kvcache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_dst, v_dst, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+
+
+def _kernel_cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None, fp8: bool) -> tuple:
+    """Caches as the store kernels write them (uint8 views of fp8 caches) and scale tensors (or stand-ins
+    with 3 dims, never dereferenced, when the cache holds the model dtype)."""
+    if fp8:
+        return k_cache.view(torch.uint8), v_cache.view(torch.uint8), k_scale, v_scale
+    return k_cache, v_cache, k_cache[0], v_cache[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,12 +215,14 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["stride_bt"])  # block-table width changes every step: compile once
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr, bt_ptr,
+                    k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
+                    qk_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_cblk, stride_cslot, stride_ch, stride_bt,
+                    stride_cblk, stride_cslot, stride_ch, stride_bt, stride_sblk, stride_sh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
     # Tile = TOKENS query tokens x GROUP query heads (row r: token r // GROUP, head r % GROUP).
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) tiles first
     b = tl.program_id(1)
@@ -136,22 +255,41 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
-        rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
-        k = tl.load(k_head + rows[:, None] + offs_d[None, :])
-        v = tl.load(v_head + rows[:, None] + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
-    for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
-        pos = start + offs_n
-        kv_ok = (pos < k_len)[:, None]
-        rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
-        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+    if FP8:  # same loops; tiles converted to q's dtype, scales folded into scores and probabilities
+        ks_head = k_scale_ptr + kvh * stride_sh
+        vs_head = v_scale_ptr + kvh * stride_sh
+        for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
+            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
+                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     BLOCK_SIZE, TILE_N, ONE_PAGE, False)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
+        for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
+            pos = start + offs_n
+            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
+                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
+    else:
+        for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
+            rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+            k = tl.load(k_head + rows[:, None] + offs_d[None, :])
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+        for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
+            pos = start + offs_n
+            kv_ok = (pos < k_len)[:, None]
+            rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+            k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -161,46 +299,52 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
 def _prefill_config(head_dim: int, elem_size: int, interpret: bool) -> dict:
     """Rows per tile (query tokens x group heads), KV tile length, warps and pipeline depth."""
     if interpret:
-        return dict(rows=64, tile_n=32, num_warps=4, num_stages=1)
+        return {"rows": 64, "tile_n": 32, "num_warps": 4, "num_stages": 1}
     if elem_size > 2:  # fp32: twice the shared memory per tile
-        return dict(rows=64, tile_n=32, num_warps=4, num_stages=2)
+        return {"rows": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}
     if head_dim <= 64:
-        return dict(rows=128, tile_n=64, num_warps=4, num_stages=3)
+        return {"rows": 128, "tile_n": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 128:  # H100 sweep, 8x1024 / 4x4096 tokens: 248 / 359 TFLOP/s vs 212 / 317 for 128x64 w8 s3
-        return dict(rows=64, tile_n=64, num_warps=4, num_stages=2)
-    return dict(rows=64, tile_n=32, num_warps=8, num_stages=2)
+        return {"rows": 64, "tile_n": 64, "num_warps": 4, "num_stages": 2}
+    return {"rows": 64, "tile_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                             max_seqlen_q: int, max_seqlen_k: int, block_table: torch.Tensor,
-                            softmax_scale: float, config: dict | None = None) -> torch.Tensor:
-    """Causal varlen prefill. q [total_q, H, D]; sequence i's keys are the first
+                            softmax_scale: float, config: dict | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen prefill. q [total_q, H, D] (row / head strides free); sequence i's keys are the first
     cu_seqlens_k[i+1] - cu_seqlens_k[i] tokens reached through block_table[i] (bottom-right causal).
-    `config` overrides the tile choice (benchmarks only)."""
+    k_scale / v_scale: fp8 cache (see module doc). `config` overrides the tile choice (benchmarks only).
+    Returns a new contiguous [total_q, H, D] tensor."""
     total_q, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     group = _group_size(num_heads, num_kv_heads)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if block_table.dim() != 2 or block_table.shape[0] < num_seqs:
         raise ValueError(f"block_table shape {tuple(block_table.shape)} does not cover {num_seqs} sequences")
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    q = _last_dim_contiguous(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if total_q == 0 or num_seqs == 0 or max_seqlen_q <= 0:
         return out
     cfg = config or _prefill_config(head_dim, q.element_size(), _interpreting(q))
     rows = max(cfg["rows"], triton.next_power_of_2(group))
     tokens = rows // group
     block_size = k_cache.shape[1]
+    k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
     grid = (triton.cdiv(max_seqlen_q, tokens), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale * LOG2E,
+        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_table, k_scale, v_scale,
+        softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        k_scale.stride(0), k_scale.stride(1),
         GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
-        DOT_PREC=_dot_precision(q), num_warps=cfg["num_warps"])
+        DOT_PREC=_dot_precision(q), FP8=fp8, num_warps=cfg["num_warps"])
     return out
 
 
@@ -220,13 +364,15 @@ def _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["stride_bt", "max_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                   ctx_ptr, bt_ptr, qk_scale,
+                   ctx_ptr, bt_ptr,
+                   k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
+                   qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh,
-                   stride_cblk, stride_cslot, stride_ch, stride_bt,
+                   stride_cblk, stride_cslot, stride_ch, stride_bt, stride_sblk, stride_sh,
                    max_splits, min_split_tiles,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr):
+                   NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -250,16 +396,30 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
-        start = t * TILE_N
-        pos = start + offs_n
-        kv_ok = (pos < ctx_len)[:, None]
-        rows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
-        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
+    if FP8:  # same loop; tiles converted to q's dtype, scales folded into scores and probabilities
+        ks_head = k_scale_ptr + kvh * stride_sh
+        vs_head = v_scale_ptr + kvh * stride_sh
+        for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
+            start = t * TILE_N
+            pos = start + offs_n
+            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
+                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
+    else:
+        for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
+            start = t * TILE_N
+            pos = start + offs_n
+            kv_ok = (pos < ctx_len)[:, None]
+            rows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N,
+                              ONE_PAGE)
+            k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context_len 0 -> zeros
     # Scalar conditions folded into row limits: one split -> split 0 writes the output directly.
@@ -301,27 +461,30 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> dict:
+def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool = False) -> dict:
     """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe)."""
     batch = q.shape[0]
     if _interpreting(q):
-        return dict(tile_n=32, num_warps=4, num_stages=1, max_splits=4, min_split_tiles=1)
+        return {"tile_n": 32, "num_warps": 4, "num_stages": 1, "max_splits": 4, "min_split_tiles": 1}
     sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
     target = 2 * sms  # programs wanted; split only when batch x kv_heads is short of it (H100-tuned)
     max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
     tile_n = 64 if head_dim <= 128 else 32
-    return dict(tile_n=tile_n, num_warps=4, num_stages=2, max_splits=max_splits, min_split_tiles=4)
+    stages = 3 if fp8 else 2  # fp8: half the bytes per tile, one more tile in flight (untuned: see the sweep)
+    return {"tile_n": tile_n, "num_warps": 4, "num_stages": stages, "max_splits": max_splits, "min_split_tiles": 4}
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             context_lens: torch.Tensor, block_table: torch.Tensor,
-                            softmax_scale: float, config: dict | None = None) -> torch.Tensor:
+                            softmax_scale: float, config: dict | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: q [B, H, D], one query per sequence over its context_lens[i] cached tokens
     through block_table[i]. Rows with context length 0 give zeros. No host syncs: CUDA-graph safe.
-    `config` overrides the tile/split choice (benchmarks only)."""
+    k_scale / v_scale: fp8 cache (see module doc). `config` overrides the tile/split choice (benchmarks only)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     group = _group_size(num_heads, num_kv_heads)
     if context_lens.shape != (batch,) or block_table.dim() != 2 or block_table.shape[0] < batch:
         raise ValueError(f"decode: context_lens {tuple(context_lens.shape)} / block_table "
@@ -330,7 +493,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    cfg = config or _decode_config(q, num_kv_heads, head_dim)
+    cfg = config or _decode_config(q, num_kv_heads, head_dim, fp8)
     max_splits = cfg["max_splits"]
     if max_splits > 1:
         part_o = torch.empty((batch, num_heads, max_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -338,14 +501,17 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         part_o = part_lse = out  # never written: every row takes the direct path
     block_size = k_cache.shape[1]
+    k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
     _decode_kernel[(batch, num_kv_heads, max_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, softmax_scale * LOG2E,
+        q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, k_scale, v_scale,
+        softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        k_scale.stride(0), k_scale.stride(1),
         max_splits, cfg["min_split_tiles"],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
-        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), num_warps=cfg["num_warps"])
+        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), FP8=fp8, num_warps=cfg["num_warps"])
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
@@ -378,11 +544,15 @@ def _group_size(num_heads: int, num_kv_heads: int) -> int:
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    _check_cache_layout(k_cache, v_cache, num_kv_heads, head_dim)
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")
+
+
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be "
                          "[num_blocks, block_size, num_kv_heads, head_dim] with equal strides")
     if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not match num_kv_heads {num_kv_heads}, "
                          f"head_dim {head_dim} (last dim must be contiguous)")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")

@@ -1,0 +1,243 @@
+"""Microbenchmark of the fused Triton kernels vs their torch references and the layers/ path the engine runs
+today (not a test). Needs a CUDA GPU. Shapes: Qwen3-0.6B (hidden 1024, intermediate 3072, 16 / 8 heads,
+head_dim 128, vocab 151,936, bf16, KV block 256).
+
+Times are medians of triton.testing.do_bench. "graph" = per call inside a CUDA graph of REPS back-to-back calls
+(what the engine sees under graph replay); "eager" = one Python call (launch overhead included). GB/s = bytes
+the fused kernel must move / its graph time. "current" = the layers/ modules' path (torch.compile'd ops, the
+exponential-trick sampler), "n/a" if that API is not importable in this checkout.
+
+    python3 benchmarks/fused_bench.py            # markdown table last
+    python3 benchmarks/fused_bench.py --sweep    # also sampler tilings (rows, tile_v, tiles)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm.kernels import activation, norm, rope_store, sampling  # noqa: E402
+from nanovllm.kernels import triton_attention as ta  # noqa: E402
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, BLOCK_SIZE = 1024, 3072, 16, 8, 128, 151936, 256
+DTYPE, EPS, REPS = torch.bfloat16, 1e-6, 20
+
+
+def time_eager(fn: Callable) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def time_graph(fn: Callable) -> float:
+    """us per call of fn inside a CUDA graph of REPS calls."""
+    fn()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    ms = do_bench(graph.replay, warmup=10, rep=200, return_mode="median")
+    return ms * 1e3 / REPS
+
+
+def maybe(make: Callable[[], Callable]) -> Callable | None:
+    """The current-path callable, or None when this checkout's layers/ API differs."""
+    try:
+        fn = make()
+        fn()
+        return fn
+    except Exception as exc:  # API drift in layers/ while the engine is restructured
+        print(f"  (current path unavailable: {type(exc).__name__}: {exc})")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    n: int
+    fused: Callable
+    ref: Callable
+    current: Callable | None  # None: not available
+    nbytes: int               # bytes the fused kernel must move
+    ref_in_graph: bool = True  # False: the reference syncs (boolean indexing), timed eagerly
+
+def sampler_case(batch: int):
+    logits = torch.randn(batch, VOCAB, device="cuda").mul_(3).to(DTYPE)
+    temps = torch.full((batch,), 0.6, device="cuda")
+    seeds = torch.randint(0, 2**62, (batch,), device="cuda")
+    positions = torch.randint(0, 4096, (batch,), device="cuda")
+    out = torch.empty(batch, dtype=torch.int64, device="cuda")
+    fused = lambda: sampling.sample_gumbel(logits, temps, seeds, positions, out=out)  # noqa: E731
+    ref = lambda: sampling.sample_gumbel_torch(logits, temps, seeds, positions)  # noqa: E731
+
+    def current():
+        from nanovllm.layers.sampler import Sampler, SamplingTensors
+        sampler = Sampler()
+        params = SamplingTensors(temps)  # today's bench path: unseeded rows, global RNG
+        return lambda: sampler(logits, params)
+    return Case(f"sample_gumbel T=0.6 (B={batch})", batch, fused, ref, maybe(current), logits.numel() * 2 + batch * 28)
+
+
+def greedy_sampler_case(batch: int):
+    logits = torch.randn(batch, VOCAB, device="cuda").to(DTYPE)
+    zeros = torch.zeros(batch, device="cuda")
+    ids = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    fused = lambda: sampling.sample_gumbel(logits, zeros, ids, ids)  # noqa: E731
+    ref = lambda: logits.argmax(-1)  # noqa: E731
+    return Case(f"sample_gumbel greedy (B={batch})", batch, fused, ref, None, logits.numel() * 2 + batch * 28)
+
+
+def rms_norm_case(n: int):
+    x = torch.randn(n, HIDDEN, device="cuda", dtype=DTYPE)
+    w = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
+    out = torch.empty_like(x)
+
+    def current():
+        from nanovllm.layers.layernorm import rms_norm
+        return lambda: rms_norm(x, w, EPS)
+    return Case("rms_norm", n, lambda: norm.rms_norm(x, w, EPS, out=out), lambda: norm.rms_norm_torch(x, w, EPS),
+                maybe(current), 2 * x.numel() * 2)
+
+
+def add_rms_norm_case(n: int):
+    x = torch.randn(n, HIDDEN, device="cuda", dtype=DTYPE)
+    res = torch.randn(n, HIDDEN, device="cuda", dtype=DTYPE)
+    w = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
+    out = torch.empty_like(x)
+
+    def current():
+        from nanovllm.layers.layernorm import add_rms_norm
+        return lambda: add_rms_norm(x, res, w, EPS)
+    return Case("add_rms_norm", n, lambda: norm.add_rms_norm(x, res, w, EPS, out=out),
+                lambda: norm.add_rms_norm_torch(x, res.clone(), w, EPS), maybe(current), 4 * x.numel() * 2)
+
+
+def silu_case(n: int):
+    x = torch.randn(n, 2 * INTER, device="cuda", dtype=DTYPE)
+    out = torch.empty(n, INTER, device="cuda", dtype=DTYPE)
+
+    def current():
+        from nanovllm.layers.activation import silu_and_mul
+        return lambda: silu_and_mul(x)
+    return Case("silu_and_mul", n, lambda: activation.silu_and_mul(x, out=out),
+                lambda: activation.silu_and_mul_torch(x), maybe(current), 3 * n * INTER * 2)
+
+
+def rope_case(n: int, kv_fp8: bool = False):
+    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE)
+    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    q, k, v = q.view(n, HEADS, HEAD_DIM), k.view(n, KV_HEADS, HEAD_DIM), v.view(n, KV_HEADS, HEAD_DIM)
+    num_blocks = triton.cdiv(n, BLOCK_SIZE) + 1
+    cache_dtype = torch.float8_e4m3fn if kv_fp8 else DTYPE
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda").to(cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    scales = {}
+    if kv_fp8:
+        shape = ta.kv_scale_shape(k_cache)
+        scales = {"k_scale": torch.ones(shape, device="cuda"), "v_scale": torch.ones(shape, device="cuda")}
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:n].to(torch.int32)
+    positions = torch.randint(0, 40960, (n,), device="cuda")
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(40960, device="cuda").float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    qw, kw = torch.randn(HEAD_DIM, device="cuda", dtype=DTYPE), torch.randn(HEAD_DIM, device="cuda", dtype=DTYPE)
+    args = (q, k, v, positions, cos_sin, k_cache, v_cache, slots, qw, kw, EPS)
+
+    def current():  # Qwen3Attention today: q_norm, k_norm, rotary, store_kvcache
+        from nanovllm.layers.layernorm import rms_norm
+        from nanovllm.layers.rotary_embedding import apply_rotary
+
+        def run():
+            qn, kn = rms_norm(q, qw, EPS), rms_norm(k, kw, EPS)
+            qr, kr = apply_rotary(positions, qn, kn, cos_sin)
+            ta.store_kvcache(kr, v, k_cache, v_cache, slots)
+            return qr
+        return run
+    elem = k_cache.element_size()
+    nbytes = n * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM * 2 + 2 * n * KV_HEADS * HEAD_DIM * elem \
+        + (2 * n * KV_HEADS * 4 if kv_fp8 else 0) + n * (16 + 2 * HEAD_DIM * 4)
+    name = "qk_norm_rope_store" + (" fp8 KV" if kv_fp8 else "")
+    return Case(name, n, lambda: rope_store.qk_norm_rope_store(*args, **scales),
+                lambda: rope_store.qk_norm_rope_store_torch(*args, **scales), None if kv_fp8 else maybe(current),
+                nbytes, ref_in_graph=False)
+
+
+def fmt(us: float | None) -> str:
+    return "n/a" if us is None else f"{us:.1f}"
+
+
+def run_cases(cases: list[Case]) -> list:
+    rows = []
+    for c in cases:
+        g = time_graph(c.fused)
+        ref = f"{time_graph(c.ref):.1f}" if c.ref_in_graph else f"{time_eager(c.ref):.1f} (eager)"
+        cur = None if c.current is None else time_graph(c.current)
+        rows.append((c.name, c.n, g, time_eager(c.fused), ref, cur, c.nbytes / (g * 1e-6) / 1e9))
+        print(f"  {c.name} N={c.n}: {g:.1f} us", flush=True)
+    return rows
+
+
+def time_sampler_config(batch: int, cfg: dict) -> str:
+    logits = torch.randn(batch, VOCAB, device="cuda").to(DTYPE)
+    temps = torch.full((batch,), 0.6, device="cuda")
+    ids = torch.arange(batch, device="cuda")
+    cfg = dict(cfg, rows=min(cfg["rows"], triton.next_power_of_2(batch)))
+    try:
+        return f"{time_graph(lambda: sampling.sample_gumbel(logits, temps, ids, ids, config=cfg)):.1f}"
+    except Exception as exc:  # e.g. too many registers for one tiling
+        return f"err {type(exc).__name__}"
+
+
+def sweep_sampler() -> None:
+    print("\n## sample_gumbel tilings (graph us per call; default: " + ", ".join(
+        f"B={b}: {sampling.sampler_config(b, VOCAB, torch.device('cuda'))}" for b in (1, 256)) + ")")
+    print("| rows | tile_v | tiles | warps | B=1 | B=256 |\n|---|---|---|---|---|---|")
+    for rows, tile_v, tiles, warps in [(1, 1024, 1, 4), (1, 2048, 1, 8), (2, 1024, 2, 4), (4, 512, 8, 4),
+                                       (4, 512, 18, 4), (4, 1024, 4, 8), (8, 256, 16, 4), (8, 512, 8, 8),
+                                       (4, 256, 16, 2), (2, 512, 16, 4)]:
+        cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": warps}
+        cells = [time_sampler_config(batch, cfg) for batch in (1, 256)]
+        print(f"| {rows} | {tile_v} | {tiles} | {warps} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time several sampler tilings")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    if args.sweep:
+        sweep_sampler()
+    cases = [sampler_case(1), sampler_case(256), greedy_sampler_case(256)]
+    for n in (1, 256, 4096):
+        cases += [rms_norm_case(n), add_rms_norm_case(n), silu_case(n), rope_case(n)]
+    if hasattr(ta, "kv_scale_shape"):
+        cases += [rope_case(n, kv_fp8=True) for n in (1, 256, 4096)]
+    rows = run_cases(cases)
+    print("\n## Fused kernels (bf16, Qwen3-0.6B shapes; us per call)")
+    print("| kernel | N | fused graph | fused eager | torch ref graph | current path graph | speedup vs current "
+          "| fused GB/s |\n|---|---|---|---|---|---|---|---|")
+    for name, n, g, e, r, c, gbs in rows:
+        speedup = "n/a" if c is None else f"{c / g:.1f}x"
+        print(f"| {name} | {n} | {g:.1f} | {e:.1f} | {r} | {fmt(c)} | {speedup} | {gbs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Fused Gumbel-max sampling: one Triton pass over the logits, seeded noise generated in-kernel.
+
+Row b samples argmax_v(logits[b, v] / T_b + g[b, v]) with Gumbel noise g = -log(-log(u)), where
+u[b, v] = sampling_rng.seeded_uniform(seeds, positions, V)[b, v] is recomputed bit for bit in the kernel
+(the same counter hash in uint32 arithmetic). Rows with T_b < GREEDY_EPS take the plain argmax. Ties go to the
+lowest index. This is the exponential trick of layers/sampler.py (argmax of softmax(logits / T) / Exp(1) noise
+with Exp = -log(u)) written in the log domain, so the same seeds sample the same tokens up to float rounding.
+
+Kernel layout: grid (row groups, vocabulary chunks). A program takes ROWS rows x one chunk, walks the chunk in
+tiles, and keeps a per-lane running (best score, its index); the column half of the hash is computed once per
+tile and shared by its rows. A second tiny kernel reduces the per-chunk winners of each row (skipped when the
+vocabulary fits one chunk). The grid depends only on (B, V): no host syncs, CUDA-graph safe.
+
+Float notes (GPU): the noise is computed in the log2 domain (argmax unchanged) with the hardware lg2.approx;
+-log2(u) takes a 5-term series in w = 1 - u for w < 1/16, where lg2.approx would lose relative accuracy, so
+the noise's relative error stays below ~3e-6 everywhere. NaN logits are never picked (torch.argmax would).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.layers.sampling_rng import seeded_uniform
+
+GREEDY_EPS = 1e-5
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_GREEDY_EPS: tl.constexpr = tl.constexpr(GREEDY_EPS)
+_INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter hash (uint32 twin of layers/sampling_rng.py)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (products wrap mod 2**32, as sampling_rng.mul32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _value_hash(value):
+    """The key-independent half of sampling_rng.combine: mix32(value * GOLDEN ^ 0x5BD1E995)."""
+    return _mix32((value * 0x9E3779B9) ^ 0x5BD1E995)
+
+
+@triton.jit
+def _row_keys(seeds, positions):
+    """uint32 keys of sampling_rng.row_keys from int64 seeds and positions."""
+    key = _mix32(seeds.to(tl.uint32))
+    key = _mix32(key ^ _value_hash((seeds >> 32).to(tl.uint32)))
+    return _mix32(key ^ _value_hash(positions.to(tl.uint32)))
+
+
+@triton.jit
+def _uniform(bits):
+    """((bits >> 9) + 0.5) * 2**-23 exactly, as seeded_uniform: 1.m in [1, 2) from the bits, minus (1 - 2**-24)."""
+    one_m = ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    return one_m - 0.99999994039535522
+
+
+# ----------------------------------------------------------------------------------------------
+# Gumbel-max kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _log2(x, APPROX: tl.constexpr):
+    if APPROX:  # one MUFU op on NVIDIA GPUs
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _neg_log2_uniform(u, APPROX: tl.constexpr):
+    """-log2(u) with small relative error for u in (0, 1), also next to 1."""
+    w = 1.0 - u  # exact for u on the 2**-24 grid
+    series = w * (LOG2E + w * (LOG2E / 2 + w * (LOG2E / 3 + w * (LOG2E / 4 + w * (LOG2E / 5)))))
+    return tl.where(w < 0.0625, series, -_log2(u, APPROX))
+
+
+@triton.jit
+def _best_update(best_val, best_idx, score, cols):
+    """Per-lane running argmax; strict > keeps the earlier (lower) index on ties."""
+    take = score > best_val
+    return tl.where(take, score, best_val), tl.where(take, cols, best_idx)
+
+
+@triton.jit
+def _row_argmax(best_val, best_idx):
+    """[ROWS, TILE] lanes -> (max [ROWS], lowest index reaching it [ROWS])."""
+    top = tl.max(best_val, 1)
+    idx = tl.min(tl.where(best_val == top[:, None], best_idx, _INT32_MAX), 1)
+    return top, idx
+
+
+@triton.jit
+def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim contiguous
+                           temp_ptr,     # [B] fp32
+                           seed_ptr,     # [B] int64
+                           pos_ptr,      # [B] int64
+                           part_val_ptr,  # [B, S] fp32 (unused when DIRECT)
+                           part_idx_ptr,  # [B, S] int32 (unused when DIRECT)
+                           out_ptr,      # [B] int64 (written only when DIRECT)
+                           num_rows, vocab, stride_b,
+                           ROWS: tl.constexpr, TILE_V: tl.constexpr, TILES: tl.constexpr,
+                           DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr):
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+
+    # Row parameters: greedy rows score the raw logits, sampled ones x * log2(e) / T - log2(-log2(u)).
+    temp = tl.load(temp_ptr + rows, mask=row_ok, other=0.0)
+    sampled = temp >= _GREEDY_EPS
+    coef = tl.where(sampled, LOG2E / tl.where(sampled, temp, 1.0), 1.0)
+    keys = _row_keys(tl.load(seed_ptr + rows, mask=row_ok, other=0), tl.load(pos_ptr + rows, mask=row_ok, other=0))
+    any_sampled = tl.max(sampled.to(tl.int32), 0) > 0
+
+    row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_b
+    cols0 = chunk * (TILES * TILE_V) + tl.arange(0, TILE_V)
+    best_val = tl.full([ROWS, TILE_V], float("-inf"), tl.float32)
+    best_idx = tl.broadcast_to(cols0[None, :], [ROWS, TILE_V])  # all -inf: each lane's lowest index wins
+    if any_sampled:
+        for t in tl.range(0, TILES):
+            cols = cols0 + t * TILE_V
+            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            # Noise: column half of the hash once per tile, row half per element.
+            bits = _mix32(keys[:, None] ^ _value_hash(cols.to(tl.uint32))[None, :])
+            noise = _log2(_neg_log2_uniform(_uniform(bits), APPROX_LOG), APPROX_LOG)
+            score = tl.where(sampled[:, None], x * coef[:, None] - noise, x)
+            best_val, best_idx = _best_update(best_val, best_idx, score, cols[None, :])
+    else:  # every row of this group is greedy: no noise
+        for t in tl.range(0, TILES):
+            cols = cols0 + t * TILE_V
+            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            best_val, best_idx = _best_update(best_val, best_idx, x, cols[None, :])
+
+    top, idx = _row_argmax(best_val, best_idx)
+    if DIRECT:
+        tl.store(out_ptr + rows, idx.to(tl.int64), mask=row_ok)
+    else:
+        part = rows.to(tl.int64) * num_chunks + chunk
+        tl.store(part_val_ptr + part, top, mask=row_ok)
+        tl.store(part_idx_ptr + part, idx, mask=row_ok)
+
+
+@triton.jit
+def _gumbel_reduce_kernel(part_val_ptr,  # [B, S] fp32
+                          part_idx_ptr,  # [B, S] int32
+                          out_ptr,       # [B] int64
+                          num_chunks, CHUNKS_P2: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, CHUNKS_P2)
+    ok = offs < num_chunks
+    base = b.to(tl.int64) * num_chunks
+    val = tl.load(part_val_ptr + base + offs, mask=ok, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + base + offs, mask=ok, other=_INT32_MAX)
+    top = tl.max(val, 0)
+    tl.store(out_ptr + b, tl.min(tl.where(val == top, idx, _INT32_MAX), 0).to(tl.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sampler_config(batch: int, vocab: int, device: torch.device) -> dict:
+    """rows per program, tile width, tiles per program, warps: depends only on (batch, vocab, device)."""
+    rows = min(4, triton.next_power_of_2(max(batch, 1)))
+    if device.type != "cuda":  # interpreter: few, wide programs
+        return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1}
+    tile_v = 1024 if rows <= 2 else 512
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    groups, num_tiles = triton.cdiv(batch, rows), triton.cdiv(vocab, tile_v)
+    tiles = max(1, min(64, triton.cdiv(groups * num_tiles, 8 * sms)))  # ~8 programs per SM
+    return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4}
+
+
+def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                  positions: torch.Tensor, out: torch.Tensor | None) -> None:
+    if logits.dim() != 2 or logits.stride(-1) != 1 or logits.dtype not in (torch.float32, torch.float16,
+                                                                           torch.bfloat16):
+        raise ValueError(f"logits must be [B, V] fp32/fp16/bf16 with a contiguous last dim, got "
+                         f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    batch = logits.shape[0]
+    if logits.shape[1] == 0:
+        raise ValueError("logits have an empty vocabulary dimension: nothing to sample")
+    for name, t, dtype in (("temperatures", temperatures, torch.float32), ("seeds", seeds, torch.int64),
+                           ("positions", positions, torch.int64)):
+        if t.shape != (batch,) or t.dtype != dtype or t.device != logits.device:
+            raise ValueError(f"{name} must be [{batch}] {dtype} on {logits.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    if out is not None and (out.shape != (batch,) or out.dtype != torch.int64 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{batch}] int64 tensor, got {tuple(out.shape)} {out.dtype}")
+
+
+def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Token ids [B] int64: argmax(logits / T + Gumbel(seed, position)) per row, plain argmax where
+    T < GREEDY_EPS. logits [B, V] (row stride free); temperatures [B] fp32; seeds, positions [B] int64.
+    Writes into `out` when given. `config` overrides sampler_config (benchmarks only)."""
+    _check_inputs(logits, temperatures, seeds, positions, out)
+    batch, vocab = logits.shape
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch == 0:
+        return out
+    cfg = config or sampler_config(batch, vocab, logits.device)
+    chunk = cfg["tile_v"] * cfg["tiles"]
+    num_chunks = triton.cdiv(vocab, chunk)
+    direct = num_chunks == 1
+    if direct:
+        part_val, part_idx = out, out  # never touched
+    else:
+        part_val = torch.empty((batch, num_chunks), dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty((batch, num_chunks), dtype=torch.int32, device=logits.device)
+    approx = logits.device.type == "cuda" and torch.version.hip is None
+    _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
+        logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0),
+        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], TILES=cfg["tiles"], DIRECT=direct, APPROX_LOG=approx,
+        num_warps=cfg["num_warps"])
+    if not direct:
+        _gumbel_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks,
+                                        CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=1)
+    return out
+
+
+def gumbel_scores_torch(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """[B, V] fp32 scores whose row argmax is the sample: logits / T + g (sampled rows), logits (greedy rows)."""
+    x = logits.float()
+    greedy = (temperatures < GREEDY_EPS).unsqueeze(1)
+    u = seeded_uniform(seeds, positions, logits.shape[1])
+    gumbel = -torch.log(-torch.log(u))
+    temps = torch.where(greedy.squeeze(1), torch.ones_like(temperatures), temperatures)
+    return torch.where(greedy, x, x / temps.unsqueeze(1) + gumbel)
+
+
+def sample_gumbel_torch(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                        positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of sample_gumbel built on sampling_rng.seeded_uniform (same signature and semantics)."""
+    _check_inputs(logits, temperatures, seeds, positions, out)
+    result = gumbel_scores_torch(logits, temperatures, seeds, positions).argmax(dim=-1)
+    if out is None:
+        return result
+    return out.copy_(result)
