@@ -79,6 +79,17 @@ def test_two_replicas_match_one_engine(ray_local, tiny_model, reference):
     assert {len(r["generated_token_ids"]) for r in rows} == {3, 4, 5, 6, 8}  # per-row max_tokens were applied
 
 
+def test_tensor_parallel_replica(ray_local, tiny_model, reference):
+    """A TP=2 engine inside one actor (its worker process spawned from the actor) gives the same rows."""
+    n = 10
+    ds = ray.data.from_items(make_rows(n), override_num_blocks=2)
+    process = build_processor(tiny_model, {**ENGINE, "tensor_parallel_size": 2}, sampling_params=DEFAULTS,
+                              batch_size=5, num_cpus=1)
+    rows = process(ds).take_all()
+    assert [r["id"] for r in rows] == list(range(n))
+    assert [r["generated_token_ids"] for r in rows] == [r["token_ids"] for r in reference[:n]]
+
+
 def dying_predictor(marker: str) -> type[LLMPredictor]:
     """An LLMPredictor whose first call on KILL_ID's batch (over all actors, once) exits the actor process after
     generating; rows record the pid that produced them. Defined in a function so Ray pickles it by value."""

@@ -16,6 +16,7 @@ num_generated_tokens. A row's prompt is its `prompt_token_ids` when not null, el
 default. Fault tolerance is Ray Data's own: it creates the actors with max_restarts=-1 and max_task_retries=-1, so an
 actor that dies is restarted and its unfinished batches are retried; every row gets exactly one output.
 """
+import math
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -43,6 +44,11 @@ SamplingParamsLike = SamplingParams | dict[str, Any] | None
 
 
 # -- sampling parameters --------------------------------------------------------------------------------------
+def is_null(value: Any) -> bool:
+    """None, or the NaN that pandas puts in a missing object cell."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def sampling_param_names() -> list[str]:
     return [f.name for f in fields(SamplingParams) if f.init]
 
@@ -50,13 +56,13 @@ def sampling_param_names() -> list[str]:
 def make_sampling_params(defaults: dict[str, Any], overrides: Any, where: str) -> SamplingParams:
     """SamplingParams(**defaults) with overrides' non-null entries on top; ValueError naming where and the bad key
     or value."""
-    if overrides is None:
+    if is_null(overrides):
         overrides = {}
     elif isinstance(overrides, list):  # an Arrow map column reads back as [(key, value), ...]
         overrides = dict(overrides)
     if not isinstance(overrides, dict):
         raise ValueError(f"{where} must be a dict of SamplingParams fields or null, got {type(overrides).__name__}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}  # Arrow structs fill missing keys with null
+    overrides = {k: v for k, v in overrides.items() if not is_null(v)}  # Arrow structs fill missing keys with null
     unknown = sorted(set(overrides) - set(sampling_param_names()))
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {unknown}; SamplingParams fields are {sampling_param_names()}")
@@ -98,7 +104,7 @@ def batch_prompts(batch: pa.Table) -> list[str | list[int]]:
     prompts = []
     rows = zip(column_values(batch, PROMPT), column_values(batch, PROMPT_TOKEN_IDS), strict=True)
     for i, (text, token_ids) in enumerate(rows):
-        if token_ids is not None:
+        if not is_null(token_ids):
             prompts.append(token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids))
         elif isinstance(text, str):
             prompts.append(text)
