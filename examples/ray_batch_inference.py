@@ -27,9 +27,10 @@ from nanovllm.integrations.ray import build_processor
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint directory (the same path on every node)")
-    parser.add_argument("--input", required=True, help="a .jsonl/.json or .parquet file, or a directory of them")
-    parser.add_argument("--output", required=True, help="directory for the Parquet results (shared storage on a "
-                                                        "cluster)")
+    parser.add_argument("--input", required=True, help="a .jsonl/.json or .parquet file, or a directory of them "
+                                                       "(on a cluster: shared or cloud storage, s3://...)")
+    parser.add_argument("--output", required=True, help="directory for the Parquet results (on a cluster: shared or "
+                                                        "cloud storage, s3://...)")
     parser.add_argument("--address", default=None, help="Ray cluster address ('auto' = the cluster this node "
                                                         "joined); default: $RAY_ADDRESS, else a local Ray")
     parser.add_argument("--replicas", type=int, default=None,
@@ -47,20 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
 def read_prompts(path: str) -> ray.data.Dataset:
-    """JSONL/JSON (one object per line) or Parquet, chosen by the extension; a directory is read as Parquet unless it
-    holds .jsonl/.json files."""
+    """JSONL (one object per line) or Parquet, by the file's extension; a directory or prefix is read as Parquet
+    unless it is a local directory holding .jsonl/.json files."""
     name = path.rstrip("/").lower()
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        if any(n.endswith((".jsonl", ".json")) for n in names):
-            return ray.data.read_json(path)
-        return ray.data.read_parquet(path)
-    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+    if name.endswith(JSON_SUFFIXES) or (os.path.isdir(path) and
+                                        any(n.lower().endswith(JSON_SUFFIXES) for n in os.listdir(path))):
         return ray.data.read_json(path)
-    if name.endswith(".parquet"):
-        return ray.data.read_parquet(path)
-    raise SystemExit(f"error: --input {path!r}: expected a .jsonl, .json or .parquet file, or a directory of them")
+    return ray.data.read_parquet(path)
 
 
 def num_replicas(args: argparse.Namespace) -> int:
