@@ -5,23 +5,20 @@ cache the K/V bytes are the fp8 codes plus their float32 scales) / median time, 
 measured device-to-device copy bandwidth and of the nominal 3.00 TB/s. Prefill: causal TFLOP/s.
 Shapes: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128, bf16 queries), block size 256.
 
-    python3 benchmarks/attention_bench.py                   # bf16 KV cache, markdown table last
-    python3 benchmarks/attention_bench.py --kv-dtype fp8    # fp8 (e4m3) KV cache with per-(token, head) scales
-    python3 benchmarks/attention_bench.py --sweep           # also try several tile/warp/stage/split configs
+    python3 -m benchmarks.attention_bench                   # bf16 KV cache, markdown table last
+    python3 -m benchmarks.attention_bench --kv-dtype fp8    # fp8 (e4m3) KV cache with per-(token, head) scales
+    python3 -m benchmarks.attention_bench --sweep           # also try several tile/warp/stage/split configs
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanovllm.kernels import triton_attention as ta  # noqa: E402
+from nanovllm.kernels import triton_attention as ta
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 256, torch.bfloat16
 BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096)

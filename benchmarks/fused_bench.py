@@ -7,24 +7,21 @@ Times are medians of triton.testing.do_bench. "graph" = per call inside a CUDA g
 the fused kernel must move / its graph time. "current" = the layers/ modules' path (torch.compile'd ops, the
 exponential-trick sampler), "n/a" if that API is not importable in this checkout.
 
-    python3 benchmarks/fused_bench.py            # markdown table last
-    python3 benchmarks/fused_bench.py --sweep    # also sampler tilings (rows, tile_v, tiles)
+    python3 -m benchmarks.fused_bench            # markdown table last
+    python3 -m benchmarks.fused_bench --sweep    # also sampler tilings (rows, tile_v, tiles)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanovllm.kernels import activation, norm, rope_store, sampling  # noqa: E402
-from nanovllm.kernels import triton_attention as ta  # noqa: E402
+from nanovllm.kernels import activation, norm, rope_store, sampling
+from nanovllm.kernels import triton_attention as ta
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, BLOCK_SIZE = 1024, 3072, 16, 8, 128, 151936, 256
 DTYPE, EPS, REPS = torch.bfloat16, 1e-6, 20

@@ -5,22 +5,11 @@
 #   STAGES="tests fused" bash benchmarks/kernel_gpu_check.sh
 # Stages: tests (pytest -m gpu on the kernel test files), fused (benchmarks/fused_bench.py), attn (bf16 KV),
 # attn-fp8 (fp8 KV). --sweep is passed to every benchmark. Logs go to $OUT (default /tmp/kernel_gpu_check).
-# KERNELS_ISOLATE=1 imports nanovllm.kernels without running nanovllm/__init__.py.
 set -o pipefail
 OUT=${OUT:-/tmp/kernel_gpu_check}
 STAGES=${STAGES:-tests fused attn attn-fp8}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ "${KERNELS_ISOLATE:-0}" = 1 ]; then
-  shim=$(mktemp -d)
-  cat > "$shim/sitecustomize.py" <<'PY'
-import os, sys, types
-pkg = types.ModuleType("nanovllm")
-pkg.__path__ = [os.path.join(os.getcwd(), "nanovllm")]
-sys.modules["nanovllm"] = pkg
-PY
-  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 status=0
@@ -30,11 +19,11 @@ for stage in $STAGES; do
       files=$(ls tests/test_kernels.py tests/test_fused_kernels.py tests/test_fp8_kernels.py 2>/dev/null)
       timeout 500 python3 -m pytest $files -m gpu -q -p no:cacheprovider -o markers=gpu --durations=8 2>&1 \
         | tee "$OUT/tests.log" || status=1 ;;
-    fused) timeout 400 python3 benchmarks/fused_bench.py "$@" 2>&1 | tee "$OUT/fused.log" || status=1 ;;
-    attn) timeout 500 python3 benchmarks/attention_bench.py "$@" 2>&1 | tee "$OUT/attn.log" || status=1 ;;
+    fused) timeout 400 python3 -m benchmarks.fused_bench "$@" 2>&1 | tee "$OUT/fused.log" || status=1 ;;
+    attn) timeout 500 python3 -m benchmarks.attention_bench "$@" 2>&1 | tee "$OUT/attn.log" || status=1 ;;
     attn-fp8)
       if grep -q -- "--kv-dtype" benchmarks/attention_bench.py; then
-        timeout 500 python3 benchmarks/attention_bench.py --kv-dtype fp8 "$@" 2>&1 | tee "$OUT/attn_fp8.log" || status=1
+        timeout 500 python3 -m benchmarks.attention_bench --kv-dtype fp8 "$@" 2>&1 | tee "$OUT/attn_fp8.log" || status=1
       fi ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

@@ -8,22 +8,19 @@ over distinct weight sets (so L2 holds no weights between calls, as in a 48-laye
 Rows: fused_moe (Triton); fused_moe_torch (the float32 reference, eager); a bf16 torch loop over the experts hit
 (HF-style, eager); a dense bf16 GEMM [T*K/active, H] x [H, active*3I] with the same weight bytes and FLOPs.
 
-    python3 benchmarks/moe_bench.py                 # table (markdown) last
-    python3 benchmarks/moe_bench.py --sweep         # per T: time each GEMM over tile configs, print the best
+    python3 -m benchmarks.moe_bench                 # table (markdown) last
+    python3 -m benchmarks.moe_bench --sweep         # per T: time each GEMM over tile configs, print the best
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanovllm.kernels import fused_moe as fm  # noqa: E402
+from nanovllm.kernels import fused_moe as fm
 
 HIDDEN, EXPERTS, TOP_K, DTYPE = 2048, 128, 8, torch.bfloat16
 TOKENS = (1, 8, 64, 256, 2048)

@@ -5,8 +5,8 @@ Throughput is generated tokens over the window from the first batch's start to t
 replica is started and warmed up before any batch is handed out), so it leaves out engine start-up but counts
 Ray's dispatch and any imbalance between replicas. Exits 1 when the ratio misses the target.
 
-    python3 benchmarks/ray_bench.py                      # from the repo root, >= 2 GPUs, Ray installed
-    python3 benchmarks/ray_bench.py --num-seqs 256       # bench.py's workload exactly
+    python3 -m benchmarks.ray_bench                      # from the repo root, >= 2 GPUs, Ray installed
+    python3 -m benchmarks.ray_bench --num-seqs 256       # bench.py's workload exactly
 """
 import argparse
 import os
@@ -14,17 +14,17 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
+import ray
+
+from nanovllm.integrations.ray import LLMPredictor, build_processor
+from nanovllm.testing.random_checkpoint import DEFAULT_CACHE_DIR
+from nanovllm.testing.workload import make_workload
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+DEFAULT_MODEL = os.path.expanduser("~/huggingface/Qwen3-0.6B/")
 # Ray's workers inherit the environment: they import nanovllm (and ray, when it sits on PYTHONPATH) from here too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-
-from bench import DEFAULT_MODEL, make_workload  # noqa: E402
-from benchmarks.random_checkpoint import DEFAULT_CACHE_DIR  # noqa: E402
-from nanovllm.integrations.ray import LLMPredictor, build_processor  # noqa: E402
 
 TARGET_RATIO = 1.8
 
@@ -70,7 +70,7 @@ def resolve_model(model: str) -> str:
     path = os.path.expanduser(DEFAULT_CACHE_DIR)
     print(f"model {model!r} not found: BENCHMARKING RANDOM WEIGHTS (Qwen3-0.6B's configuration) at {path}",
           file=sys.stderr)
-    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "random_checkpoint.py"), path], check=True)
+    subprocess.run([sys.executable, "-m", "nanovllm.testing.random_checkpoint", path], cwd=REPO, check=True)
     return path
 
 
