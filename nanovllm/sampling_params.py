@@ -2,6 +2,7 @@ import numbers
 from dataclasses import dataclass
 
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
+MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (as vLLM's default max_logprobs)
 
 
 def _is_int(value) -> bool:
@@ -27,7 +28,10 @@ class SamplingParams:
     token_ids, like EOS). min_tokens: EOS and stop_token_ids are masked out of sampling, and no stop applies,
     until this many tokens are generated. ignore_eos: EOS does not stop (stop_token_ids still do).
     skip_special_tokens: leave special tokens (e.g. <|im_end|>) out of the text; the text never includes the
-    EOS / stop id token that ended the completion. Integer fields accept numpy integers.
+    EOS / stop id token that ended the completion. n: independent samples of the prompt (they share its cached
+    blocks; with a seed, sample i uses seed + i). logprobs: None, or k >= 0 for the sampled token's log-probability
+    plus the k most likely tokens', from the distribution it was sampled from (after min_tokens bans and
+    temperature; the raw logits for greedy rows). Integer fields accept numpy integers.
     """
     temperature: float = 1.0
     max_tokens: int = 64
@@ -40,6 +44,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    n: int = 1
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not self.temperature >= 0:
@@ -57,6 +63,10 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not isinstance(self.ignore_eos, bool) or not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"ignore_eos and skip_special_tokens must be True or False, got {self.ignore_eos!r} and "
                              f"{self.skip_special_tokens!r}")
@@ -64,6 +74,8 @@ class SamplingParams:
         self.top_p, self.min_p = float(self.top_p), float(self.min_p)
         self.max_tokens, self.top_k, self.min_tokens = int(self.max_tokens), int(self.top_k), int(self.min_tokens)
         self.seed = None if self.seed is None else int(self.seed)
+        self.n = int(self.n)
+        self.logprobs = None if self.logprobs is None else int(self.logprobs)
         self.stop = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
 

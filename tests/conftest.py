@@ -38,3 +38,13 @@ def tiny_model_factory(tmp_path_factory):
             cache[key] = make_checkpoint(str(tmp_path_factory.mktemp("ckpt")), **kwargs)
         return cache[key]
     return build
+
+
+TRAINED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                             "tiny-qwen3-stdlib")
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> str:
+    """The small trained Qwen3 shipped with the project (peaked, real distributions; a chat template)."""
+    return TRAINED_MODEL

@@ -229,7 +229,7 @@ def feed(tokenizer, text: str, sp: SamplingParams) -> tuple[str, int]:
     outputs.add(seq)
     for n, t in enumerate(tokenizer.encode(text), 1):
         seq.resolve(seq.add_pending(), t)
-        if outputs.finish_reason(seq) == "stop":
+        if outputs.add_token(seq, None) == "stop":
             seq.finish_reason = "stop"
             return outputs.make_output(seq)["text"], n
     return "", -1

@@ -32,6 +32,10 @@ class SerialLoop:
     def __getattr__(self, name: str):
         return getattr(self.scheduler, name)
 
+    def add(self, seq: Sequence) -> None:
+        self.outputs.add(seq)
+        self.scheduler.add(seq)
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         self.batch = self.scheduler.schedule()
         return (self.batch.seqs, self.batch.is_prefill) if self.batch is not None else ([], False)
@@ -47,7 +51,7 @@ class SerialLoop:
                 continue
             seq.resolve(index, token)
             self.scheduler.resolved(seq)
-            reason = self.outputs.finish_reason(seq)
+            reason = self.outputs.add_token(seq, None)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
@@ -696,6 +700,7 @@ def test_random_workloads_overlapped_keep_pool_consistent_and_read_true_tokens(o
         while arrivals and (arrivals[0][0] <= steps or scheduler.is_finished()):
             _, i, r = arrivals.pop(0)
             seqs[i] = Sequence(r["tokens"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=r["ignore_eos"]), bs)
+            outputs.add(seqs[i])
             scheduler.add(seqs[i])
         launched = None
         batch = scheduler.schedule()
@@ -713,7 +718,7 @@ def test_random_workloads_overlapped_keep_pool_consistent_and_read_true_tokens(o
                     continue
                 seq.resolve(index, token)
                 scheduler.resolved(seq)
-                reason = outputs.finish_reason(seq)
+                reason = outputs.add_token(seq, None)
                 if reason is not None:
                     scheduler.finish(seq, reason)
                     assert seq.block_table == [] and seq.num_pending == 0

@@ -1,6 +1,8 @@
 """When a request stops and what it returns: EOS and stop ids (with min_tokens bans), stop strings, the length
-limit, detokenisation and the output dict. The scheduler only hears "finish this sequence"."""
+limit, detokenisation, logprobs, the streamed deltas and the final output dict. The scheduler only hears "finish
+this sequence"."""
 import os
+from dataclasses import dataclass
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -23,19 +25,43 @@ def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer: PreTra
     return frozenset(int(i) for i in ids)
 
 
+@dataclass
+class RequestOutput:
+    """What one sample of a request produced since its last output (streaming), or, with finished, its end."""
+    request_id: int
+    index: int                      # which of the request's n samples
+    token_ids: list[int]            # new token ids
+    text: str                       # new text
+    logprobs: list[dict[int, float]] | None  # per new token {token id: logprob}, when the request asked
+    finished: bool
+    finish_reason: str | None       # "stop", "length" or "abort" once finished
+    num_prompt_tokens: int
+    num_cached_tokens: int          # prompt tokens served from the prefix cache
+
+
+@dataclass
+class SeqOutputState:
+    detok: IncrementalDetokenizer | None = None  # streaming requests and stop strings
+    logprobs: list[dict[int, float]] | None = None
+    sent_tokens: int = 0  # completion tokens already streamed
+    sent_text: int = 0    # characters of text already streamed
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq_id -> state, for stop strings
+        self.states: dict[int, SeqOutputState] = {}
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, stream: bool = False) -> None:
         sp = seq.sampling_params
-        if sp.stop and self.tokenizer is not None:
-            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens)
+        state = SeqOutputState(logprobs=[] if sp.logprobs is not None else None)
+        if (sp.stop or stream) and self.tokenizer is not None:
+            state.detok = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens)
+        self.states[seq.seq_id] = state
 
     def remove(self, seq: Sequence) -> None:
-        self.detokenizers.pop(seq.seq_id, None)
+        self.states.pop(seq.seq_id, None)
 
     def stop_token_ids(self, seq: Sequence) -> list[int]:
         sp = seq.sampling_params
@@ -47,38 +73,59 @@ class OutputProcessor:
         before min_tokens."""
         return self.stop_token_ids(seq) if completion_index < seq.sampling_params.min_tokens else []
 
-    def finish_reason(self, seq: Sequence) -> str | None:
-        """Why seq stops after its newest known token, or None: "stop" for EOS (unless ignore_eos), a stop id or a
-        stop string once min_tokens are generated (a stop wins over the length limit in the same step); "length" at
-        max_tokens. Keeps the stop-string search current."""
+    def add_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> str | None:
+        """seq's newest known token arrived (with its logprobs, when asked): why seq stops now, or None. "stop" for
+        EOS (unless ignore_eos), a stop id or a stop string once min_tokens are generated (a stop wins over the length
+        limit in the same step); "length" at max_tokens."""
         sp = seq.sampling_params
+        state = self.states[seq.seq_id]
+        if state.logprobs is not None:
+            state.logprobs.append(logprobs or {})
         completion = seq.completion_token_ids
         n = len(completion)
         allowed = n >= sp.min_tokens
         token_id = completion[-1]
         if allowed and (token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids)):
-            return "stop"
-        detok = self.detokenizers.get(seq.seq_id)
-        if detok is not None:
-            detok.update(completion, search_stop=allowed)
-            if detok.stop_at is not None:
+            return "stop"  # the stop token's text is never emitted
+        if state.detok is not None:
+            state.detok.update(completion, search_stop=allowed and bool(sp.stop))
+            if state.detok.stop_at is not None:
                 return "stop"
         return "length" if n >= sp.max_tokens else None
 
-    def make_output(self, seq: Sequence) -> dict:
-        """The completion: text (without a stop string or the stop token's text), token_ids (every generated token,
-        through the one that completed a stop string or the stop token), finish_reason, and prompt tokens served
-        from the prefix cache."""
+    def delta(self, seq: Sequence) -> RequestOutput:
+        """The tokens, text and logprobs seq produced since its last delta (all that remains once finished)."""
+        state = self.states[seq.seq_id]
+        completion = seq.completion_token_ids
+        new_tokens = completion[state.sent_tokens:]
+        logprobs = None if state.logprobs is None else state.logprobs[state.sent_tokens:len(completion)]
+        state.sent_tokens = len(completion)
+        text = ""
+        if state.detok is not None:
+            full = self.final_text(seq) if seq.is_finished else state.detok.text
+            text, state.sent_text = full[state.sent_text:], len(full)
+        return RequestOutput(seq.request_id, seq.index, new_tokens, text, logprobs, seq.is_finished,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
+
+    def final_text(self, seq: Sequence) -> str:
+        """The completion's text: up to a matched stop string, without the text of a stop token that ended it."""
+        state = self.states[seq.seq_id]
+        if state.detok is not None and state.detok.stop_at is not None:
+            return state.detok.text
+        if self.tokenizer is None:
+            return ""
         token_ids = seq.completion_token_ids
-        detok = self.detokenizers.pop(seq.seq_id, None)
-        if detok is not None and detok.stop_at is not None:
-            text = detok.text
-        elif self.tokenizer is None:
-            text = ""
-        else:
-            stopped_by_token = seq.finish_reason == "stop" and token_ids and \
-                token_ids[-1] in self.stop_token_ids(seq)
-            shown = token_ids[:-1] if stopped_by_token else token_ids
-            text = self.tokenizer.decode(shown, skip_special_tokens=seq.sampling_params.skip_special_tokens)
-        return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason,
-                "num_cached_tokens": seq.num_cached_prompt_tokens}
+        stopped_by_token = seq.finish_reason == "stop" and token_ids and token_ids[-1] in self.stop_token_ids(seq)
+        shown = token_ids[:-1] if stopped_by_token else token_ids
+        return self.tokenizer.decode(shown, skip_special_tokens=seq.sampling_params.skip_special_tokens)
+
+    def make_output(self, seq: Sequence) -> dict:
+        """The finished completion: text, token_ids (every generated token, through the one that completed a stop
+        string or the stop token), finish_reason, prompt tokens served from the prefix cache, and logprobs (per token
+        {token id: logprob}) when asked. Forgets seq's state."""
+        out = {"text": self.final_text(seq), "token_ids": seq.completion_token_ids,
+               "finish_reason": seq.finish_reason, "num_cached_tokens": seq.num_cached_prompt_tokens}
+        state = self.states.pop(seq.seq_id)
+        if state.logprobs is not None:
+            out["logprobs"] = state.logprobs
+        return out

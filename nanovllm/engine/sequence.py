@@ -23,6 +23,8 @@ class Sequence:
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams | None = None, block_size: int = 256,
                  sampling_seed: int = 0) -> None:
         self.seq_id = next(Sequence.counter)
+        self.request_id = self.seq_id  # the request it samples for (n > 1: one request, n sequences)
+        self.index = 0  # which of the request's samples
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)

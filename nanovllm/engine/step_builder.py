@@ -71,6 +71,8 @@ def build_sampling(seqs: list[Sequence], banned_tokens: Callable[[Sequence, int]
     use_sort = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
     banned = [(i, t) for i, seq in enumerate(seqs) if seq.samples_this_step
               for t in banned_tokens(seq, seq.num_tokens - seq.num_prompt_tokens)]
+    logprob_rows = [i for i, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None and
+                    seq.samples_this_step]
     return SamplingInput(
         temperatures=temperatures,
         seeds=np.array([seq.sampling_seed for seq in seqs], dtype=np.int64),
@@ -78,4 +80,6 @@ def build_sampling(seqs: list[Sequence], banned_tokens: Callable[[Sequence, int]
         top_k=np.array([p.top_k for p in params], dtype=np.int32) if use_sort else None,
         top_p=np.array([p.top_p for p in params], dtype=np.float32) if use_sort else None,
         min_p=np.array([p.min_p for p in params], dtype=np.float32) if any(p.min_p > 0 for p in sampled) else None,
-        banned=np.array(banned, dtype=np.int64).T.copy() if banned else None)
+        banned=np.array(banned, dtype=np.int64).T.copy() if banned else None,
+        logprob_rows=np.array(logprob_rows, dtype=np.int64) if logprob_rows else None,
+        num_logprobs=max((seqs[i].sampling_params.logprobs for i in logprob_rows), default=0))

@@ -24,6 +24,8 @@ class SamplingTensors:
     min_p: torch.Tensor | None = None    # [B] float32, 0 = off; None when no row uses it
     banned: torch.Tensor | None = None   # [2, M] int64: row, token id masked out (min_tokens)
     all_greedy: bool = False
+    logprob_rows: torch.Tensor | None = None  # [R] int64 rows whose logprobs are returned
+    num_logprobs: int = 0
 
 
 def ban_tokens(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
@@ -65,13 +67,28 @@ def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
     return logits.softmax(dim=-1)
 
 
+def banned_logits(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    logits = logits.float()
+    return ban_tokens(logits, params.banned) if params.banned is not None else logits
+
+
+def compute_logprobs(logits: torch.Tensor, params: SamplingTensors,
+                     sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For params.logprob_rows: (sampled token's logprob [R], top-k ids [R, k], top-k logprobs [R, k]) of the
+    distribution each row sampled from: the min_tokens-banned logits over the temperature (raw for greedy rows)."""
+    rows = params.logprob_rows
+    scaled = apply_temperature(banned_logits(logits, params)[rows], params.temperatures[rows])
+    logprobs = scaled.log_softmax(dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, sampled[rows].unsqueeze(1)).squeeze(1)
+    top_lp, top_ids = logprobs.topk(params.num_logprobs, dim=-1)  # k = 0 gives [R, 0]
+    return chosen, top_ids, top_lp
+
+
 class Sampler(nn.Module):
     """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits)."""
 
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        logits = logits.float()
-        if params.banned is not None:
-            logits = ban_tokens(logits, params.banned)
+        logits = banned_logits(logits, params)
         greedy = logits.argmax(dim=-1)
         if params.all_greedy:
             return greedy

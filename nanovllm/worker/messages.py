@@ -17,6 +17,8 @@ class SamplingInput:
     top_p: np.ndarray | None = None  # [B] float32, 1 = off
     min_p: np.ndarray | None = None  # [B] float32, 0 = off; None when no row uses it
     banned: np.ndarray | None = None  # [2, M] int64: (row, token id) pairs masked out (min_tokens)
+    logprob_rows: np.ndarray | None = None  # [R] int64 rows that want logprobs; None when none does
+    num_logprobs: int = 0                   # top-k logprobs per such row (the largest any of them asks for)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from nanovllm.config import Config
 from nanovllm.distributed.tp import TPInfo
 from nanovllm.distributed.workers import WorkerGroup
 from nanovllm.layers.attention import make_backend
-from nanovllm.layers.sampler import Sampler, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplingTensors, compute_logprobs
 from nanovllm.models import model_class
 from nanovllm.utils.context import forward_context
 from nanovllm.utils.loader import load_model
@@ -26,22 +26,44 @@ from nanovllm.worker.messages import SamplingInput, Shutdown, StepInput
 
 
 class SampledIds:
-    """One step's sampled token ids on their way to the host: a non-blocking copy and an event on CUDA."""
+    """One step's sampled token ids (and logprobs, for rows that asked) on their way to the host: non-blocking
+    copies and an event on CUDA, read one step later."""
 
-    def __init__(self, ids: torch.Tensor, host: torch.Tensor | None) -> None:
+    def __init__(self, ids: torch.Tensor, host: torch.Tensor | None,
+                 logprobs: tuple[torch.Tensor, ...] | None = None, logprob_rows: np.ndarray | None = None) -> None:
         self.event = None
+        self.logprob_rows = logprob_rows
         if host is None:
-            self.host = ids
-        else:
-            self.host = host[:ids.shape[0]]
-            self.host.copy_(ids, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            self.host, self.logprobs = ids, logprobs
+            return
+        self.host = host[:ids.shape[0]]
+        self.host.copy_(ids, non_blocking=True)
+        self.logprobs = None if logprobs is None else tuple(pinned_copy(t) for t in logprobs)
+        self.event = torch.cuda.Event()
+        self.event.record()
 
     def tolist(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+    def logprob_entries(self) -> dict[int, dict[int, float]]:
+        """row -> {token id: logprob} holding the sampled token's and the top-k tokens' (call after tolist)."""
+        if self.logprobs is None:
+            return {}
+        sampled = self.host.tolist()
+        chosen, top_ids, top_lp = (t.tolist() for t in self.logprobs)
+        entries = {}
+        for i, row in enumerate(self.logprob_rows.tolist()):
+            entry = dict(zip(top_ids[i], top_lp[i], strict=True))
+            entry[sampled[row]] = chosen[i]
+            entries[row] = entry
+        return entries
+
+
+def pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 class ModelRunner:
@@ -142,8 +164,12 @@ class ModelRunner:
         for hook in self.hooks:
             hook(self, step)
         logits = self._forward(step)
+        logprobs = None
         if self.tp.is_first:
-            ids = self.sampler(logits, sampling_tensors(step.sampling, self.device))
+            params = sampling_tensors(step.sampling, self.device)
+            ids = self.sampler(logits, params)
+            if params.logprob_rows is not None:
+                logprobs = compute_logprobs(logits, params, ids)
         else:
             ids = torch.empty(step.num_seqs, dtype=torch.int64, device=self.device)
         self.last_sampled = self.tp.broadcast_from_first(ids)
@@ -153,7 +179,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             host = self.host_ids[self.steps % 2]  # the step before last has been read back: its buffer is free
             self.steps += 1
-        return SampledIds(ids, host)
+        return SampledIds(ids, host, logprobs, step.sampling.logprob_rows)
 
     def _forward(self, step: StepInput) -> torch.Tensor | None:
         input_ids, positions, context = prepare(step, self.device, self.last_sampled)
@@ -212,7 +238,8 @@ def sampling_tensors(s: SamplingInput, device: torch.device) -> SamplingTensors:
     return SamplingTensors(temperatures=dev(s.temperatures, torch.float32), seeds=dev(s.seeds, torch.int64),
                            positions=dev(s.positions, torch.int64), top_k=dev(s.top_k, torch.int64),
                            top_p=dev(s.top_p, torch.float32), min_p=dev(s.min_p, torch.float32),
-                           banned=dev(s.banned, torch.int64), all_greedy=not s.temperatures.any())
+                           banned=dev(s.banned, torch.int64), all_greedy=not s.temperatures.any(),
+                           logprob_rows=dev(s.logprob_rows, torch.int64), num_logprobs=s.num_logprobs)
 
 
 def synthetic_prefill(num_seqs: int, seq_len: int, width: int, block_size: int) -> StepInput:
