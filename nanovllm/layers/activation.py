@@ -1,18 +1,13 @@
+"""silu(gate) * up for x = [gate | up] along the last dimension: one Triton kernel on CUDA, torch elsewhere."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
-
-
-@compile_on_cuda
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, -1)
-    return F.silu(gate) * up
+from nanovllm.kernels import activation
 
 
 class SiluAndMul(nn.Module):
-    """silu(gate) * up for x = [gate | up] along the last dimension."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
+        """x [N, 2I] -> [N, I]."""
+        if x.is_cuda:
+            return activation.silu_and_mul(x)
+        return activation.silu_and_mul_torch(x)

@@ -5,7 +5,6 @@ from torch import nn
 
 from nanovllm.distributed.tp import SINGLE, TPInfo
 from nanovllm.layers.linear import check_shape
-from nanovllm.utils.context import get_context
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -35,13 +34,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits of each sequence's last scheduled position; with tensor parallelism gathered to rank 0 (None
-    elsewhere)."""
+    """Logits of the given hidden states (the runner passes each sequence's last position); with tensor parallelism
+    gathered to rank 0 (None elsewhere)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        context = get_context()
-        if context.is_prefill:
-            x = x[context.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: last position of each sequence
-        logits = F.linear(x, self.weight)  # [B, shard_size]
+        logits = F.linear(x, self.weight)  # [B, hidden] -> [B, shard_size]
         logits = self.tp.gather_last_dim(logits)  # [B, shard_size * tp] on rank 0
         return None if logits is None else logits[:, :self.num_embeddings]

@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
-
 
 def rope_theta_of(hf_config) -> float:
     params = getattr(hf_config, "rope_parameters", None) or {}
@@ -20,15 +18,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x * torch.cat([cos, cos], -1) + rotated * torch.cat([sin, sin], -1)).to(x.dtype)
 
 
-@compile_on_cuda
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, H, D], k [N, H_kv, D] rotated by their token positions [N]."""
-    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, -1)  # [N, 1, D/2] each
+    """q [N, H, D], k [N, H_kv, D] rotated by their token positions [N] (as HF: cos/sin in the model dtype)."""
+    cos, sin = cos_sin_cache[positions.long()].to(q.dtype).unsqueeze(1).chunk(2, -1)  # [N, 1, D/2] each
     return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):
+    """cos_sin_cache [max_position, head_size] float32: cos of each frequency, then sin."""
+
     def __init__(self, head_size: int, max_position: int, base: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.kernels.sampling import sample_gumbel
 from nanovllm.layers.sampling_rng import seeded_exponential
 
 NEG_INF = float("-inf")
@@ -26,6 +27,11 @@ class SamplingTensors:
     all_greedy: bool = False
     logprob_rows: torch.Tensor | None = None  # [R] int64 rows whose logprobs are returned
     num_logprobs: int = 0
+
+    @property
+    def fast(self) -> bool:
+        """No filter and no ban: temperature and Gumbel noise alone (the fused kernel's job)."""
+        return self.top_k is None and self.min_p is None and self.banned is None
 
 
 def ban_tokens(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
@@ -85,9 +91,16 @@ def compute_logprobs(logits: torch.Tensor, params: SamplingTensors,
 
 
 class Sampler(nn.Module):
-    """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits)."""
+    """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits). On CUDA,
+    rows without filters or bans take the fused Triton kernel (one read of the logits, same noise)."""
 
-    def forward(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, params: SamplingTensors, out: torch.Tensor | None = None) -> torch.Tensor:
+        if logits.is_cuda and params.fast:
+            return sample_gumbel(logits, params.temperatures, params.seeds, params.positions, out=out)
+        ids = self.sample_torch(logits, params)
+        return ids if out is None else out.copy_(ids)
+
+    def sample_torch(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         logits = banned_logits(logits, params)
         greedy = logits.argmax(dim=-1)
         if params.all_greedy:

@@ -32,12 +32,11 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))      # [N, H, D]
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))   # [N, H_kv, D]
+        q = q.view(-1, self.num_heads, self.head_dim)      # [N, H * D] -> [N, H, D] (strided views of qkv)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)   # [N, H_kv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v)
-        return self.o_proj(o.flatten(1, -1))  # [N, H * D] -> [N, hidden]
+        o = self.attn(q, k, v, positions, self.rotary_emb, self.q_norm, self.k_norm)
+        return self.o_proj(o.flatten(1, -1))  # [N, H, D] -> [N, H * D] -> [N, hidden]
 
 
 class Qwen3MLP(nn.Module):

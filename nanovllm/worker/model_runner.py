@@ -33,8 +33,8 @@ class SampledIds:
                  logprobs: tuple[torch.Tensor, ...] | None = None, logprob_rows: np.ndarray | None = None) -> None:
         self.event = None
         self.logprob_rows = logprob_rows
-        if host is None:
-            self.host, self.logprobs = ids, logprobs
+        if host is None:  # CPU: ids is a view of the runner's buffer, which the next step overwrites
+            self.host, self.logprobs = ids.clone(), logprobs
             return
         self.host = host[:ids.shape[0]]
         self.host.copy_(ids, non_blocking=True)
@@ -76,7 +76,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.graphs: CudaGraphRunner | None = None
         self.hooks: list = []  # callables run at the start of each step (InstallHook; tests inject faults so)
-        self.last_sampled: torch.Tensor | None = None  # [B] int64 ids of the latest step, on the device
+        self.sampled: torch.Tensor | None = None  # [max_num_seqs] int64: the latest step's ids, on the device
         self.tp = tp or TPInfo()
         self.device = torch.device("cuda", self.tp.rank) if config.device == "cuda" else torch.device("cpu")
         try:
@@ -93,6 +93,7 @@ class ModelRunner:
         config = self.config
         self.model = build_model(config, self.tp, self.device)
         self.sampler = Sampler() if self.tp.is_first else None
+        self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.spec = kv_cache.KVCacheSpec.from_config(config)
         self.num_kvcache_blocks = self._size_kv_cache()
         self.kv_cache = kv_cache.allocate(self.spec, self.num_kvcache_blocks, self.device)
@@ -103,7 +104,8 @@ class ModelRunner:
             if not config.enforce_eager:
                 self.graphs = CudaGraphRunner(
                     self.model, capture_sizes(config.max_num_seqs, config.max_cuda_graph_batch_size),
-                    config.max_blocks_per_seq, config.hf_config.hidden_size, config.torch_dtype, self.device)
+                    config.max_blocks_per_seq, config.hf_config.hidden_size, config.torch_dtype, self.device,
+                    self.sampled, self.tp)
 
     def _fail_start(self, error: BaseException) -> None:
         """Clean up a failed start; prefer a worker's own exception (e.g. a bad checkpoint) over the broken
@@ -141,7 +143,7 @@ class ModelRunner:
         num_blocks = int(step.block_tables.max()) + 1
         cache = kv_cache.allocate(self.spec, num_blocks, self.device)
         kv_cache.bind(self.model, cache)
-        self._forward(step)
+        self.model.compute_logits(self._forward(step))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base - num_blocks * self.spec.block_bytes
         kv_cache.bind(self.model, None)
@@ -161,33 +163,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> SampledIds | None:
+        """Run one step on this rank; rank 0 samples into `sampled` and returns the ids on their way to the host."""
         for hook in self.hooks:
             hook(self, step)
-        logits = self._forward(step)
+        b = step.num_seqs
+        params = sampling_tensors(step.sampling, self.device) if self.tp.is_first else None
+        logits = None
+        if not step.is_prefill and self.graphs is not None and self.graphs.fits(step):
+            hidden, logits = self.graphs.replay(step)  # without TP: sampled[:b] already holds the fast-path ids
+        else:
+            hidden = self._forward(step)
+        sampled_in_graph = logits is not None
+        if logits is None:
+            logits = self.model.compute_logits(hidden)  # [B, vocab] on rank 0 (gathered under TP), None elsewhere
         logprobs = None
         if self.tp.is_first:
-            params = sampling_tensors(step.sampling, self.device)
-            ids = self.sampler(logits, params)
+            if not (sampled_in_graph and params.fast):  # filters, bans, or no graph: sample here
+                self.sampler(logits, params, out=self.sampled[:b])
             if params.logprob_rows is not None:
-                logprobs = compute_logprobs(logits, params, ids)
-        else:
-            ids = torch.empty(step.num_seqs, dtype=torch.int64, device=self.device)
-        self.last_sampled = self.tp.broadcast_from_first(ids)
+                logprobs = compute_logprobs(logits, params, self.sampled[:b])
+        self.tp.broadcast_from_first(self.sampled[:b])
         if not self.tp.is_first:
             return None
         host = None
         if self.device.type == "cuda":
             host = self.host_ids[self.steps % 2]  # the step before last has been read back: its buffer is free
             self.steps += 1
-        return SampledIds(ids, host, logprobs, step.sampling.logprob_rows)
+        return SampledIds(self.sampled[:b], host, logprobs, step.sampling.logprob_rows)
 
-    def _forward(self, step: StepInput) -> torch.Tensor | None:
-        input_ids, positions, context = prepare(step, self.device, self.last_sampled)
-        if not step.is_prefill and self.graphs is not None and self.graphs.fits(len(step.input_ids), context):
-            with forward_context(context):  # the LM head reads it too
-                return self.model.compute_logits(self.graphs.replay(input_ids, positions, context))
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        """Eager forward; hidden states of each sequence's last position (prefill) or of each sequence (decode),
+        ready for the LM head (which reads the same context to pick prefill positions)."""
+        input_ids, positions, context = prepare(step, self.device, self.sampled)
         with forward_context(context):
-            return self.model.compute_logits(self.model(input_ids, positions))
+            hidden = self.model(input_ids, positions)
+            if step.is_prefill:
+                hidden = hidden[context.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: last position of each sequence
+        return hidden
 
     # -- shutdown ---------------------------------------------------------------------------------------------------
     def exit(self, graceful: bool = True) -> None:
@@ -216,7 +228,7 @@ class ModelRunner:
             self.graphs.release()
         if self.model is not None:
             kv_cache.bind(self.model, None)
-        self.graphs = self.model = self.sampler = self.kv_cache = self.last_sampled = None
+        self.graphs = self.model = self.sampler = self.kv_cache = self.sampled = None
 
 
 def build_model(config: Config, tp: TPInfo, device: torch.device) -> nn.Module:
