@@ -89,7 +89,7 @@ class CudaGraphRunner:
         self.with_head = tp.size == 1
         self.buffers = StepBuffers(sizes[-1], max_blocks_per_seq, device)
         self.hidden = torch.zeros(sizes[-1], hidden_size, dtype=dtype, device=device)
-        self.logits: dict[int, torch.Tensor] = {}  # per graph: its logits (in the graph pool; valid until the next replay)
+        self.logits: dict[int, torch.Tensor] = {}  # per graph: its logits (graph pool: valid until the next replay)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self._capture_all()
