@@ -489,5 +489,6 @@ def test_gpu_qk_norm_rope_store_fp8(n):
     for out, expected in ((k_cache, ref_state[1]), (v_cache, ref_state[2])):
         same = (out.view(torch.uint8) == expected.view(torch.uint8)).float().mean().item()
         assert same >= 0.98, f"only {same:.2%} of the fp8 codes equal the reference"
-    torch.testing.assert_close(k_scale, ref_state[3], rtol=1e-2, atol=0)
-    torch.testing.assert_close(v_scale, ref_state[4], rtol=0, atol=0)
+    # slots nobody wrote keep their NaN poison in both
+    torch.testing.assert_close(k_scale, ref_state[3], rtol=1e-2, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_scale, ref_state[4], rtol=0, atol=0, equal_nan=True)
