@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "longest prompt plus output (default: %(default)s)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="(default: %(default)s)")
     parser.add_argument("--enforce-eager", action="store_true", help="run decode without CUDA graphs")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                        help="KV-cache element type: the model's (auto) or float8 e4m3 (default: %(default)s)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="the serial step loop instead of overlap scheduling (for comparison)")
     parser.add_argument("--latency", action="store_true", help=f"instead of throughput: ms per decode step at batch "
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"a random-weight Qwen3-0.6B when {DEFAULT_MODEL} is missing)")
     path, random_weights = resolve_model(args.model)
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size, async_scheduling=not args.no_async_scheduling)
+              tensor_parallel_size=args.tensor_parallel_size, async_scheduling=not args.no_async_scheduling,
+              kv_cache_dtype=args.kv_cache_dtype)
     check_vocab(llm)
     if random_weights:
         print(f"Model: {path} (RANDOM WEIGHTS, Qwen3-0.6B's configuration; throughput does not depend on them)")

@@ -18,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 from nanovllm.models import check_model_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "auto": the model's dtype; fp8: float8 e4m3 with per-token scales
 ATTENTION_BACKENDS = ("flash_attn", "triton", "torch")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -38,6 +39,7 @@ class Config:
     dtype: str = "auto"                  # "auto" = the checkpoint's dtype
     attention_backend: str = "auto"      # "auto", "flash_attn", "triton" or "torch"
     async_scheduling: bool = True        # schedule step N+1 while step N runs (False: the plain serial loop)
+    kv_cache_dtype: str = "auto"         # "auto" (the model's dtype), "fp8" / "fp8_e4m3" (half the bytes)
     # Advanced knobs, all in one place.
     max_cuda_graph_batch_size: int = 512  # decode batches up to this replay CUDA graphs
     cpu_kvcache_bytes: int = 512 << 20   # KV-cache budget on CPU when num_kvcache_blocks is -1
@@ -55,7 +57,9 @@ class Config:
         set_(self, "device", resolve_device(self.device))
         set_(self, "dtype", resolve_dtype(self.dtype, hf_config))
         self._check_parallelism()
-        set_(self, "attention_backend", resolve_attention_backend(self.attention_backend, self.device))
+        set_(self, "kv_cache_dtype", "fp8" if self.kv_cache_dtype == "fp8_e4m3" else self.kv_cache_dtype)
+        set_(self, "attention_backend", resolve_attention_backend(self.attention_backend, self.device,
+                                                                  self.kv_cache_dtype))
         self._check_block_size()
         limit = hf_config.max_position_embeddings
         if self.max_model_len > limit:
@@ -75,6 +79,10 @@ class Config:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else self.torch_dtype
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -100,9 +108,11 @@ class Config:
         for name in ("enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("model", "device", "dtype", "attention_backend"):
+        for name in ("model", "device", "dtype", "attention_backend", "kv_cache_dtype"):
             if not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
     def _check_parallelism(self) -> None:
         tp = self.tensor_parallel_size
@@ -180,11 +190,14 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attention_backend(requested: str, device: str) -> str:
+def resolve_attention_backend(requested: str, device: str, kv_cache_dtype: str = "auto") -> str:
     if requested == "auto":
         if device != "cuda":
             return "torch"
-        return "flash_attn" if flash_attn_available() else "triton"
+        return "flash_attn" if flash_attn_available() and kv_cache_dtype == "auto" else "triton"
+    if requested == "flash_attn" and kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs our kernels: flash-attn cannot read the fp8 cache "
+                         "with per-token scales; use attention_backend='triton' (or 'auto')")
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be 'auto' or one of {list(ATTENTION_BACKENDS)}, got {requested!r}")
     if requested != "torch" and device != "cuda":

@@ -78,7 +78,7 @@ def fake_gpus(monkeypatch, count: int) -> None:
 
 def flash_attn_backend(monkeypatch) -> None:
     from nanovllm import config
-    monkeypatch.setattr(config, "resolve_attention_backend", lambda requested, device: "flash_attn")
+    monkeypatch.setattr(config, "resolve_attention_backend", lambda *args: "flash_attn")
 
 
 # name -> (call(llm, model, tmp_path, monkeypatch), exception type, regex the message must match)

@@ -111,7 +111,8 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
                            part_idx_ptr,  # [B, S] int32 (unused when DIRECT)
                            out_ptr,      # [B] int64 (written only when DIRECT)
                            num_rows, vocab, stride_b,
-                           ROWS: tl.constexpr, TILE_V: tl.constexpr, TILES: tl.constexpr,
+                           TILES,  # tiles per program: a runtime value, so batch sizes share one compiled kernel
+                           ROWS: tl.constexpr, TILE_V: tl.constexpr,
                            DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr):
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -231,13 +232,31 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         part_idx = torch.empty((batch, num_chunks), dtype=torch.int32, device=logits.device)
     approx = logits.device.type == "cuda" and torch.version.hip is None
     _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
-        logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0),
-        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], TILES=cfg["tiles"], DIRECT=direct, APPROX_LOG=approx,
+        logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0), cfg["tiles"],
+        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], DIRECT=direct, APPROX_LOG=approx,
         num_warps=cfg["num_warps"])
     if not direct:
         _gumbel_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks,
                                         CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=1)
     return out
+
+
+def warmup(vocab: int, max_batch: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Compile, once, every kernel variant sample_gumbel can pick for batches 1..max_batch (variants differ by rows
+    per program, tile width, direct vs split, and the reduce width), so no compilation lands in a timed step.
+    Returns the number of variants."""
+    keys = {}
+    for batch in range(1, max_batch + 1):
+        cfg = sampler_config(batch, vocab, device)
+        num_chunks = triton.cdiv(vocab, cfg["tile_v"] * cfg["tiles"])
+        key = (cfg["rows"], cfg["tile_v"], cfg["num_warps"], num_chunks == 1, triton.next_power_of_2(num_chunks))
+        keys.setdefault(key, batch)
+    for batch in keys.values():
+        logits = torch.zeros(batch, vocab, dtype=dtype, device=device)
+        ones = torch.ones(batch, dtype=torch.float32, device=device)
+        zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+        sample_gumbel(logits, ones, zeros, zeros)
+    return len(keys)
 
 
 def gumbel_scores_torch(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,

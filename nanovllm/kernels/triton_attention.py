@@ -471,7 +471,10 @@ def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool 
     max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
     tile_n = 64 if head_dim <= 128 else 32
     stages = 3 if fp8 else 2  # fp8: half the bytes per tile, one more tile in flight (untuned: see the sweep)
-    return {"tile_n": tile_n, "num_warps": 4, "num_stages": stages, "max_splits": max_splits, "min_split_tiles": 4}
+    # Latency-bound batches (fewer programs than SMs) split down to one tile per program; others keep >= 4 tiles.
+    min_split_tiles = 1 if batch * num_kv_heads < sms else 4
+    return {"tile_n": tile_n, "num_warps": 4, "num_stages": stages, "max_splits": max_splits,
+            "min_split_tiles": min_split_tiles}
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,7 +1,11 @@
 """The paged KV cache of one rank: its layout, how many blocks fit, allocation, and binding to attention layers.
 
 Layout: one tensor [2 (k, v), num_layers, num_blocks, block_size, num_kv_heads (this rank's), head_dim]; layer i's
-attention sees k = cache[0, i] and v = cache[1, i], each [num_blocks, block_size, num_kv_heads, head_dim]."""
+attention sees k = cache[0, i] and v = cache[1, i], each [num_blocks, block_size, num_kv_heads, head_dim]. An FP8
+cache (kv_cache_dtype="fp8") stores float8 e4m3 codes there plus a float32 scale per (token, KV head):
+scales [2, num_layers, num_blocks, num_kv_heads, block_size] (head-major inside a block, so one head's scales for a
+tile of tokens are one contiguous load). Scales follow the data: each token's K and V of each head are scaled by
+their own max |x| / 448 when written, so no calibration is needed and nothing is re-quantised as a sequence grows."""
 import os
 from dataclasses import dataclass
 
@@ -21,35 +25,57 @@ class KVCacheSpec:
     block_size: int
     num_kv_heads: int  # on this rank
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the cache's element type (float8_e4m3fn for an fp8 cache)
 
     @classmethod
     def from_config(cls, config: Config) -> "KVCacheSpec":
         hf = config.hf_config
         return cls(hf.num_hidden_layers, config.kvcache_block_size,
-                   hf.num_key_value_heads // config.tensor_parallel_size, head_dim_of(hf), config.torch_dtype)
+                   hf.num_key_value_heads // config.tensor_parallel_size, head_dim_of(hf),
+                   config.kv_cache_torch_dtype)
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == torch.float8_e4m3fn
 
     def shape(self, num_blocks: int) -> tuple[int, ...]:
         return 2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim
 
+    def scale_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return 2, self.num_layers, num_blocks, self.num_kv_heads, self.block_size
+
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block over all layers (K and V)."""
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        """Bytes of one block over all layers (K and V, and their scales for fp8)."""
+        per_token = self.head_dim * self.dtype.itemsize + (4 if self.fp8 else 0)
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * per_token
+
+
+@dataclass
+class KVCache:
+    data: torch.Tensor                  # spec.shape(num_blocks)
+    scales: torch.Tensor | None = None  # spec.scale_shape(num_blocks) float32, fp8 only
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> torch.Tensor:
-    return torch.empty(spec.shape(num_blocks), dtype=spec.dtype, device=device)
+def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> KVCache:
+    data = torch.empty(spec.shape(num_blocks), dtype=spec.dtype, device=device)
+    scales = torch.empty(spec.scale_shape(num_blocks), dtype=torch.float32, device=device) if spec.fp8 else None
+    return KVCache(data, scales)
 
 
-def bind(model: nn.Module, cache: torch.Tensor | None) -> None:
+def bind(model: nn.Module, cache: KVCache | None) -> None:
     """Point every attention layer at its slice of cache (None: unbind, so the cache can be freed)."""
     for i, attn in enumerate(attention_layers(model)):
-        attn.kv_cache = None if cache is None else LayerKVCache(cache[0, i], cache[1, i])
+        if cache is None:
+            attn.kv_cache = None
+        elif cache.scales is None:
+            attn.kv_cache = LayerKVCache(cache.data[0, i], cache.data[1, i])
+        else:
+            attn.kv_cache = LayerKVCache(cache.data[0, i], cache.data[1, i], cache.scales[0, i], cache.scales[1, i])
 
 
 def cpu_num_blocks(spec: KVCacheSpec, config: Config) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 from nanovllm.config import Config
 from nanovllm.distributed.tp import TPInfo
 from nanovllm.distributed.workers import WorkerGroup
+from nanovllm.kernels import sampling
 from nanovllm.layers.attention import make_backend
 from nanovllm.layers.sampler import Sampler, SamplingTensors, compute_logprobs
 from nanovllm.models import model_class
@@ -73,7 +74,7 @@ class ModelRunner:
         self.workers: WorkerGroup | None = None
         self.owns_process_group = False
         self.model: nn.Module | None = None
-        self.kv_cache: torch.Tensor | None = None
+        self.kv_cache: kv_cache.KVCache | None = None
         self.graphs: CudaGraphRunner | None = None
         self.hooks: list = []  # callables run at the start of each step (InstallHook; tests inject faults so)
         self.sampled: torch.Tensor | None = None  # [max_num_seqs] int64: the latest step's ids, on the device
@@ -101,6 +102,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.host_ids = [torch.empty(config.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self.steps = 0
+            if self.tp.is_first:  # compile every sampler variant now, not inside a timed step
+                sampling.warmup(config.hf_config.vocab_size, config.max_num_seqs, config.torch_dtype, self.device)
             if not config.enforce_eager:
                 self.graphs = CudaGraphRunner(
                     self.model, capture_sizes(config.max_num_seqs, config.max_cuda_graph_batch_size),
