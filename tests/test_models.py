@@ -415,3 +415,36 @@ def test_gpu_moe_bf16_teacher_forced(tmp_path_factory, enforce_eager):
     assert [len(o["token_ids"]) for o in outs] == [sp.max_tokens for sp in params]
     assert max(o["num_cached_tokens"] for o in outs) >= 32
     assert gaps.max().item() <= MOE_MARGIN
+
+
+# ----------------------------------------------------------------------------------------------
+# Random benchmark checkpoints (shapes only)
+# ----------------------------------------------------------------------------------------------
+
+def test_random_checkpoint_configs_are_the_real_models():
+    """Llama-3.2-1B and Qwen3-30B-A3B at full depth have the published parameter counts; --layers keeps every
+    other shape; our models build from them (on the meta device: no memory)."""
+    from nanovllm.testing.random_checkpoint import ARCHS, arch_config
+    for arch, want in (("llama-3.2-1b", 1_235_814_400), ("qwen3-30b-a3b", 30_532_122_624)):
+        spec = ARCHS[arch]
+        with torch.device("meta"):
+            hf = spec.model_cls(arch_config(arch))
+            ours = model_class(arch_config(arch, 2))(arch_config(arch, 2), SINGLE, make_backend("torch"))
+        assert sum(p.numel() for p in hf.parameters()) == want == spec.num_params
+        assert len(ours.model.layers) == 2
+    llama = arch_config("llama-3.2-1b")
+    assert rope_parameters_of(llama)["factor"] == 32.0 and llama.tie_word_embeddings and llama.head_dim == 64
+    moe = arch_config("qwen3-30b-a3b", 8)
+    assert (moe.num_hidden_layers, moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size,
+            moe.num_key_value_heads, moe.tie_word_embeddings) == (8, 128, 8, 768, 4, False)
+    with pytest.raises(ValueError, match=r"--layers 49 must be in 1..48"):
+        arch_config("qwen3-30b-a3b", 49)
+
+
+def test_random_checkpoint_refuses_a_different_model_at_the_path(tmp_path):
+    from nanovllm.testing.random_checkpoint import build_random_checkpoint
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"],
+                                                      "num_hidden_layers": 4}))
+    assert build_random_checkpoint(str(tmp_path), "qwen3-30b-a3b", 4) == str(tmp_path)  # reused, nothing built
+    with pytest.raises(FileExistsError, match="not qwen3-30b-a3b with 8"):
+        build_random_checkpoint(str(tmp_path), "qwen3-30b-a3b", 8)
