@@ -1,10 +1,19 @@
 """Model registry: Hugging Face `architectures` name -> our model class."""
 from transformers import PretrainedConfig
 
+from nanovllm.layers.rotary_embedding import rope_parameters_of
+from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 from nanovllm.models.utils import uses_sliding_window
 
-MODEL_REGISTRY = {"Qwen3ForCausalLM": Qwen3ForCausalLM}
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+}
 
 
 def model_class(hf_config: PretrainedConfig, where: str = "model") -> type:
@@ -25,3 +34,7 @@ def check_model_config(hf_config: PretrainedConfig, where: str = "model") -> Non
                          f"'sliding_attention', sliding_window={getattr(hf_config, 'sliding_window', None)}), which "
                          "this engine does not implement; running it with full attention would give wrong outputs. "
                          "Use a checkpoint with use_sliding_window=false")
+    try:
+        rope_parameters_of(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
