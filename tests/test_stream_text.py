@@ -1,8 +1,13 @@
-"""Streamed text (step_stream deltas of stream=True requests) around stop strings: a delta never carries text that
-a stop string later turns out to start in. The shipped trained model, float32."""
+"""Streamed text (step_stream deltas of stream=True requests) around stop strings and tokens without text: a delta
+never carries text that a stop string later turns out to start in, and a long run of tokens that decode to nothing
+keeps the incremental detokeniser's decode window bounded (not quadratic). The shipped trained model, float32."""
+import random
+
 import pytest
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.detokenizer import MAX_DECODE_WINDOW, IncrementalDetokenizer
+from nanovllm.testing.random_checkpoint import build_tokenizer
 
 PROMPT = "import os\n\n\ndef read_lines(path):\n"
 
@@ -35,3 +40,20 @@ def test_stop_strings_spanning_tokens_are_never_streamed(llm):
         want = llm.generate([PROMPT], sp, use_tqdm=False)[0]
         assert want["finish_reason"] == "stop" and want["text"] == full[:full.index(stop)]
         assert streamed(llm, sp) == (want["text"], "stop"), stop
+
+
+def test_tokens_without_text_keep_the_decode_window_bounded():
+    """Ids a 259-token tokenizer lacks (as a random-weight Qwen3 samples them), with an ASCII letter now and then:
+    the window decoded per token stays within about MAX_DECODE_WINDOW tokens (before: everything since the last
+    text, so quadratic), and the text equals the whole decode."""
+    tokenizer = build_tokenizer()
+    letters = tokenizer.convert_tokens_to_ids(list("abcdefgh"))
+    rng = random.Random(0)
+    ids = [rng.choice(letters) if rng.random() < 0.01 else rng.randrange(300, 151936) for _ in range(2000)]
+    detok = IncrementalDetokenizer(tokenizer, [], True)
+    widest = 0
+    for n in range(1, len(ids) + 1):
+        detok.update(ids[:n], search_stop=False)
+        widest = max(widest, n - detok.prefix_offset)
+    assert widest <= MAX_DECODE_WINDOW + 1
+    assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
