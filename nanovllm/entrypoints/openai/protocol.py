@@ -210,15 +210,15 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], 
     return body, offset
 
 
-def token_logprob(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": clamp(logprob), "bytes": list(text.encode("utf-8"))}
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top: int, token_text: TokenText,
+                  token_bytes: Callable[[int], list[int]]) -> dict:
+    """The chat logprobs object: per token its text, UTF-8 bytes and logprob, and the `top` most likely tokens,
+    most likely first."""
+    def entry_of(token_id: int, logprob: float) -> dict:
+        return {"token": token_text(token_id), "logprob": clamp(logprob), "bytes": token_bytes(token_id)}
 
-
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top: int, token_text: TokenText) -> dict:
-    """The chat logprobs object: per token its logprob and the `top` most likely tokens, most likely first."""
     content = []
     for token_id, entry in zip(token_ids, logprobs, strict=True):
         best = sorted(entry.items(), key=lambda item: (-item[1], item[0]))[:top]
-        content.append({**token_logprob(token_text(token_id), entry[token_id]),
-                        "top_logprobs": [token_logprob(token_text(t), lp) for t, lp in best]})
+        content.append({**entry_of(token_id, entry[token_id]), "top_logprobs": [entry_of(t, lp) for t, lp in best]})
     return {"content": content}

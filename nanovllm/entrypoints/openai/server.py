@@ -170,19 +170,42 @@ class Choice:
     finish_reason: str | None = None
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character (GPT-2's, also Qwen's) -> the byte it stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
 class TokenTexts:
-    """Token id -> its text, for logprobs (cached; used on the event loop's thread only)."""
+    """Token id -> its text and its bytes, for logprobs (cached; used on the event loop's thread only). A byte-level
+    BPE token that is part of a UTF-8 character has the text "\ufffd" but its own byte(s)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
+        self.texts: dict[int, str] = {}
+        self.bytes: dict[int, list[int]] = {}
+        self.alphabet = byte_level_alphabet()
 
     def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
+        text = self.texts.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
-            self.cache[token_id] = text
+            self.texts[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        raw = self.bytes.get(token_id)
+        if raw is None:
+            text = self(token_id)
+            token = self.tokenizer.convert_ids_to_tokens(token_id) if self.tokenizer is not None else None
+            raw = list(text.encode("utf-8"))
+            if isinstance(token, str) and token and all(c in self.alphabet for c in token):
+                as_bytes = bytes(self.alphabet[c] for c in token)
+                if as_bytes.decode("utf-8", "replace") == text:  # a byte-level token: its own bytes
+                    raw = list(as_bytes)
+            self.bytes[token_id] = raw
+        return raw
 
 
 class OpenAIServing:
@@ -325,7 +348,7 @@ class OpenAIServing:
                       "finish_reason": c.finish_reason}
             if c.logprobs is not None:
                 choice["logprobs"] = protocol.chat_logprobs(c.token_ids, c.logprobs, body.top_logprobs or 0,
-                                                            self.token_text)
+                                                            self.token_text, self.token_text.token_bytes)
             out.append(choice)
         return {**self.header(request_id, "chat.completion"), "choices": out,
                 "usage": protocol.usage(len(prepared[0].token_ids), sum(len(c.token_ids) for c in choices.values()))}
@@ -343,7 +366,7 @@ class OpenAIServing:
                     logprobs = None
                     if out.logprobs is not None:
                         logprobs = protocol.chat_logprobs(out.token_ids, out.logprobs, body.top_logprobs or 0,
-                                                          self.token_text)
+                                                          self.token_text, self.token_text.token_bytes)
                     num_tokens += len(out.token_ids)
                     text = out.text if out.text or not out.finished else None
                     yield chunk(protocol.chat_choice(out.index, text, out.finish_reason, logprobs))
@@ -367,7 +390,7 @@ def stream_error(error: Exception) -> str:
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def api_key_check(api_key: str):
+def api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
     async def check(request: Request) -> None:
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
