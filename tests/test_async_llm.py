@@ -224,3 +224,19 @@ def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected):
         assert engine.is_dead and time.monotonic() - start < DEADLINE_S
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager):
+    """On CUDA the engine (torch.compile, CUDA graphs, Triton kernels) is built and stepped on AsyncLLM's
+    thread: 32 concurrent greedy streams equal LLM.generate's outputs."""
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 3 * i)] for i in range(32)]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kwargs = dict(kvcache_block_size=16, max_model_len=256, num_kvcache_blocks=256, attention_backend="triton",
+                  enforce_eager=enforce_eager)
+    with LLM(tiny_model, **kwargs) as llm:
+        want = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    with AsyncLLM(tiny_model, **kwargs) as engine:
+        got = asyncio.run(asyncio.wait_for(asyncio.gather(*(collect(engine, p, sp) for p in prompts)), 120))
+    assert [g[0]["token_ids"] for g in got] == want

@@ -410,6 +410,24 @@ def test_cli_rejects_unknown_engine_values(tiny_model):
     assert proc.returncode == 2 and "--no-such-flag" in proc.stderr
 
 
+def test_api_key_guards_the_v1_routes(tiny_model):
+    """build_app in process (starlette's TestClient): with an API key the /v1 routes need the bearer token,
+    /health does not."""
+    from fastapi.testclient import TestClient
+
+    from nanovllm import AsyncLLM
+    from nanovllm.entrypoints.openai.server import build_app
+    with AsyncLLM(tiny_model, num_kvcache_blocks=16, **ENGINE) as engine, \
+            TestClient(build_app(engine, NAME, api_key="sesame")) as http:
+        assert http.get("/health").status_code == 200
+        refused = http.get("/v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "AuthenticationError"
+        assert http.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = http.post("/v1/completions", headers={"Authorization": "Bearer sesame"},
+                       json={"model": NAME, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
 def test_logprob_bytes_rebuild_multibyte_text(tok):
     """Byte-level tokens inside a UTF-8 character have the text "\ufffd" but carry their own bytes."""
     from nanovllm.entrypoints.openai.server import TokenTexts
