@@ -314,7 +314,8 @@ def table(summaries: list[dict], offline: dict | None) -> str:
                     f"{offline['tok_per_s']:,.0f} | 100% | | | | |")
     for s in summaries:
         ratio = f"{s['tok_per_s'] / offline['tok_per_s']:.1%}" if offline else "-"
-        rows.append(f"| {s['rate']} | {s['completed']}/{s['requests']} | {s['output_tokens']:,} | {s['seconds']:.2f} "
+        rate = s["rate"] if s["rate"] == "inf" else f"{s['rate']:g}"
+        rows.append(f"| {rate} | {s['completed']}/{s['requests']} | {s['output_tokens']:,} | {s['seconds']:.2f} "
                     f"| {s['tok_per_s']:,.0f} | {ratio} | {s['ttft_p50_ms']:.0f} ms | {s['ttft_p99_ms']:.0f} ms | "
                     f"{s['tpot_p50_ms']:.1f} ms | {s['tpot_p99_ms']:.1f} ms |")
     return "\n".join(rows)
