@@ -6,6 +6,8 @@ are searched only in the new text plus the previous len(stop) - 1 characters, so
 found with O(1) work per token."""
 from transformers import PreTrainedTokenizerBase
 
+MAX_DECODE_WINDOW = 32  # tokens decoded per update at most (a UTF-8 character spans far fewer)
+
 
 class IncrementalDetokenizer:
     """The text of one completion as its tokens arrive."""
@@ -47,12 +49,15 @@ class IncrementalDetokenizer:
 
     def new_text(self, token_ids: list[int]) -> str:
         """Text the tokens since read_offset add, decoded after a few context tokens; empty while the newest token
-        ends mid-character."""
+        ends mid-character or adds no text, unless that has gone on for MAX_DECODE_WINDOW tokens (tokens without
+        text: special tokens skipped, ids the tokenizer lacks, as a random-weight model samples): then the window
+        moves on, so each update decodes a bounded number of tokens."""
         decode = self.tokenizer.decode
         skip = self.skip_special_tokens
         prefix = decode(token_ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
         full = decode(token_ids[self.prefix_offset:], skip_special_tokens=skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        waiting = len(full) <= len(prefix) or full.endswith("\ufffd")
+        if waiting and len(token_ids) - self.prefix_offset <= MAX_DECODE_WINDOW:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
         return full[len(prefix):]

@@ -8,6 +8,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
 
 
 def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
@@ -23,6 +24,11 @@ def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer: PreTra
     for value in found:
         ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
     return frozenset(int(i) for i in ids)
+
+
+def stop_holdback(sp: SamplingParams) -> int:
+    """Characters a stream holds back until more text arrives: a stop string may end up starting in them."""
+    return max((len(stop) for stop in sp.stop), default=1) - 1
 
 
 @dataclass
@@ -102,7 +108,11 @@ class OutputProcessor:
         state.sent_tokens = len(completion)
         text = ""
         if state.detok is not None:
-            full = self.final_text(seq) if seq.is_finished else state.detok.text
+            if seq.is_finished:
+                full = self.final_text(seq)
+            else:  # hold back what may be the start of a stop string: a stop string's text is never streamed
+                full = state.detok.text
+                full = full[:max(len(full) - stop_holdback(seq.sampling_params), state.sent_text)]
             text, state.sent_text = full[state.sent_text:], len(full)
         return RequestOutput(seq.request_id, seq.index, new_tokens, text, logprobs, seq.is_finished,
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
