@@ -159,10 +159,8 @@ def test_fused_expert_checkpoint_equals_per_expert(tmp_path):
                 torch.testing.assert_close(param, want, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError,
-                   reason="needs the loader to count the (expert, part) shards a fused tensor fills "
-                          "(weight_loader's return value; see the models branch report)")
 def test_fused_expert_checkpoint_generates_like_hf(tmp_path):
+    """HF 5's fused expert tensors (experts.gate_up_proj / down_proj) load: each fills every expert's shards."""
     path = make_qwen3_moe_checkpoint(str(tmp_path / "fused"), fused_experts=True,
                                      **VARIANTS["moe_e7_top3_norm_step1"][1])
     assert_matches_hf(path, generate_twice(path))

@@ -66,7 +66,7 @@ def assert_clean(llm: LLM) -> None:
 # -- 1. bad input: refused before any work, the engine stays usable ---------------------------------------------
 def llama_dir(tmp_path) -> str:
     path = tmp_path / "llama"
-    LlamaConfig(architectures=["LlamaForCausalLM"], num_hidden_layers=1, hidden_size=64,
+    LlamaConfig(architectures=["MistralForCausalLM"], num_hidden_layers=1, hidden_size=64,
                 num_attention_heads=4, intermediate_size=96, vocab_size=320).save_pretrained(path)
     return str(path)
 
@@ -123,9 +123,10 @@ BAD_INPUTS = {
         FileNotFoundError, r"looks like a Hugging Face hub id.*huggingface-cli download Qwen/Qwen3-0\.6B"),
     "directory without config.json": (
         lambda llm, model, tmp, mp: LLM(str(tmp), **CPU), FileNotFoundError, r"no config\.json"),
-    "not a Qwen3 checkpoint": (
+    "unsupported architecture": (
         lambda llm, model, tmp, mp: LLM(llama_dir(tmp), **CPU),
-        ValueError, r"architectures \['LlamaForCausalLM'\].*supported: \['Qwen3ForCausalLM'\]"),
+        ValueError, r"architectures \['MistralForCausalLM'\].*supported: \['LlamaForCausalLM', 'Qwen2ForCausalLM', "
+                    r"'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\]"),
     "tensor_parallel_size out of range": (
         lambda llm, model, tmp, mp: LLM(model, tensor_parallel_size=9, **CPU),
         ValueError, r"tensor_parallel_size must be an integer in 1\.\.8, got 9"),

@@ -69,10 +69,11 @@ def load_file(model: nn.Module, params: dict, file: str, loaded: dict[str, set],
             loader = getattr(param, "weight_loader", default_weight_loader)
             tensor = f.get_tensor(name)
             try:
-                loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+                covered = loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
             except ValueError as e:  # name the tensor: the layer's message only has shapes
                 raise CheckpointError(f"checkpoint tensor {name!r} in {file!r}: {e}") from e
-            loaded[param_name].add(shard_id)
+            # a loader may return the shard ids it filled (one fused tensor holding every expert's parts)
+            loaded[param_name].update(covered if isinstance(covered, set) else {shard_id})
 
 
 def check_all_loaded(model: nn.Module, params: dict, loaded: dict[str, set], path: str) -> None:
