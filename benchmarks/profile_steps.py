@@ -119,11 +119,13 @@ def main() -> None:
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--skip-workload", action="store_true", help="only the decode profiles")
     args = p.parse_args()
     if not os.path.isdir(args.model):
         build_qwen3_0_6b(args.model)
-    llm = LLM(args.model, async_scheduling=not args.no_async_scheduling)
+    engine_args = dict(async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(args.model, **engine_args)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     if not args.skip_workload:
         prompts, params = make_workload(args.num_seqs, 1024, 1024)
@@ -137,7 +139,7 @@ def main() -> None:
         print(f"workload: {tokens} tokens in {total:.2f}s = {tokens / total:.0f} tok/s")
         print_phases(stats)
         llm.exit()
-        llm = LLM(args.model, async_scheduling=not args.no_async_scheduling)  # uninstrumented
+        llm = LLM(args.model, **engine_args)  # uninstrumented
         llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     results = [decode_profile(llm, b, args.profile_steps) for b in (args.num_seqs, 1)]
     for result in results:
