@@ -237,6 +237,9 @@ def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager):
                   enforce_eager=enforce_eager)
     with LLM(tiny_model, **kwargs) as llm:
         want = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    async def all_streams(engine: AsyncLLM) -> list:
+        return await asyncio.wait_for(asyncio.gather(*(collect(engine, p, sp) for p in prompts)), 120)
+
     with AsyncLLM(tiny_model, **kwargs) as engine:
-        got = asyncio.run(asyncio.wait_for(asyncio.gather(*(collect(engine, p, sp) for p in prompts)), 120))
+        got = asyncio.run(all_streams(engine))  # gather needs a running loop (Python >= 3.12)
     assert [g[0]["token_ids"] for g in got] == want

@@ -88,6 +88,18 @@ def test_example_missing_model_prints_download_hint(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_example_without_qwen_runs_the_shipped_model_on_cpu(tmp_path):
+    """A fresh machine (no ~/huggingface/Qwen3-0.6B): example.py says it uses the small trained model, prints the
+    download hint, and prints real completions (Python-flavoured text, each ended by the model's EOS)."""
+    env = dict(os.environ, HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "example.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SMALL TRAINED MODEL" in proc.stderr and "huggingface-cli download Qwen/Qwen3-0.6B" in proc.stderr
+    completions = re.findall(r"^Completion: '(.*)'$", proc.stdout, re.M)
+    assert len(completions) == 3 and all(c.strip() for c in completions), proc.stdout
+
+
 def test_random_checkpoint_config_is_qwen3_0_6b():
     c = qwen3_0_6b_config()
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,

@@ -222,7 +222,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
                     stride_cblk, stride_cslot, stride_ch, stride_bt, stride_sblk, stride_sh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
+                    KV_DTYPE: tl.constexpr):
     # Tile = TOKENS query tokens x GROUP query heads (row r: token r // GROUP, head r % GROUP).
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) tiles first
     b = tl.program_id(1)
@@ -255,21 +256,22 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    if FP8:  # same loops; tiles converted to q's dtype, scales folded into scores and probabilities
+    if FP8:  # same loops; tiles converted to KV_DTYPE, scales folded into scores and probabilities
+        qc = q.to(KV_DTYPE)  # bf16 queries: fp8 converts to fp16 in hardware, so the dots run in fp16
         ks_head = k_scale_ptr + kvh * stride_sh
         vs_head = v_scale_ptr + kvh * stride_sh
         for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
                                      BLOCK_SIZE, TILE_N, ONE_PAGE, False)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
         for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
             pos = start + offs_n
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
                                      BLOCK_SIZE, TILE_N, ONE_PAGE, True)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
@@ -344,7 +346,7 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_scale.stride(0), k_scale.stride(1),
         GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
-        DOT_PREC=_dot_precision(q), FP8=fp8, num_warps=cfg["num_warps"])
+        DOT_PREC=_dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q), num_warps=cfg["num_warps"])
     return out
 
 
@@ -372,7 +374,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
                    max_splits, min_split_tiles,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr):
+                   NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
+                    KV_DTYPE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -396,16 +399,17 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    if FP8:  # same loop; tiles converted to q's dtype, scales folded into scores and probabilities
+    if FP8:  # same loop; tiles converted to KV_DTYPE, scales folded into scores and probabilities
+        qc = q.to(KV_DTYPE)  # bf16 queries: fp8 converts to fp16 in hardware, so the dots run in fp16
         ks_head = k_scale_ptr + kvh * stride_sh
         vs_head = v_scale_ptr + kvh * stride_sh
         for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
             start = t * TILE_N
             pos = start + offs_n
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
-                                     qk_scale, q.dtype, stride_cblk, stride_cslot, stride_sblk,
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
                                      BLOCK_SIZE, TILE_N, ONE_PAGE, True)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
     else:
@@ -469,10 +473,13 @@ def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool 
     sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
     target = 2 * sms  # programs wanted; split only when batch x kv_heads is short of it (H100-tuned)
     max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
-    tile_n = 64 if head_dim <= 128 else 32
-    stages = 3 if fp8 else 2  # fp8: half the bytes per tile, one more tile in flight (untuned: see the sweep)
     # Latency-bound batches (fewer programs than SMs) split down to one tile per program; others keep >= 4 tiles.
-    min_split_tiles = 1 if batch * num_kv_heads < sms else 4
+    small = batch * num_kv_heads < sms
+    min_split_tiles = 1 if small else 4
+    tile_n = 64 if head_dim <= 128 else 32
+    stages = 2
+    if fp8 and not small and head_dim <= 128:  # H100 sweep (attention_bench --kv-dtype fp8 --sweep): 128 x 3 stages
+        tile_n, stages = 128, 3
     return {"tile_n": tile_n, "num_warps": 4, "num_stages": stages, "max_splits": max_splits,
             "min_split_tiles": min_split_tiles}
 
@@ -514,7 +521,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         max_splits, cfg["min_split_tiles"],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
-        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), FP8=fp8, num_warps=cfg["num_warps"])
+        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
+        num_warps=cfg["num_warps"])
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
@@ -527,6 +535,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # ----------------------------------------------------------------------------------------------
 # Host helpers
 # ----------------------------------------------------------------------------------------------
+
+def _fp8_compute_dtype(q: torch.Tensor) -> tl.dtype:
+    """Dot operand type for fp8 K/V tiles: fp16 for bf16 queries (e4m3 -> fp16 is one hardware conversion and fp16
+    keeps more of q's mantissa), else q's own type (fp32 / fp16, e.g. in the interpreter)."""
+    return {torch.bfloat16: tl.float16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
+
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"

@@ -29,6 +29,8 @@ def engine_teacher_forced_logprobs(llm, sequences: list[list[int]], prefill_len:
     blocks_per_seq = -(-length // bs)
     if any(len(s) != length for s in sequences) or num_seqs * blocks_per_seq > len(bm.blocks):
         raise ValueError("sequences must share one length and fit the KV cache")
+    if length > llm.config.max_model_len:
+        raise ValueError(f"sequences of {length} tokens exceed max_model_len={llm.config.max_model_len}")
     tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
     ids = np.asarray(sequences, dtype=np.int32)
 
