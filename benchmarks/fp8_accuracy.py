@@ -84,8 +84,8 @@ def main() -> None:
         r = evaluate(model, sequences(model, args.num_seqs, min(args.length, limit)), args.prefill, args.device)
         rows.append((name, r))
         print(name, r, flush=True)
-    print(f"\n| model | positions (contexts {args.prefill}..{args.length} or the model's limit) | fp8 agreement | fp8 mean KL | "
-          "bf16-vs-fp32 agreement | bf16-vs-fp32 mean KL |\n|---|---|---|---|---|---|")
+    print(f"\n| model | positions (contexts {args.prefill}..{args.length} or the model's limit) | fp8 agreement | "
+          "fp8 mean KL | bf16-vs-fp32 agreement | bf16-vs-fp32 mean KL |\n|---|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['positions']} | {r['agree_fp8']:.2%} | {r['kl_fp8']:.2e} | "
               f"{r['agree_bf16_vs_fp32']:.2%} | {r['kl_bf16_vs_fp32']:.2e} |")
