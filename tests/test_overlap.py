@@ -90,6 +90,17 @@ def test_overlap_equals_serial_on_cuda(trained_model, enforce_eager):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_overlap_equals_serial_with_nccl_tensor_parallelism(trained_model):
+    """TP=2 over NCCL: the workers read the sampled ids broadcast on their devices; outputs equal the serial loop."""
+    kwargs = dict(PRESSURE, dtype="float32", tensor_parallel_size=2, attention_backend="triton")
+    serial, _ = run(trained_model, False, **kwargs)
+    overlap, preemptions = run(trained_model, True, **kwargs)
+    assert_same(overlap, serial)
+    assert preemptions > 0
+
+
+@pytest.mark.gpu
 def test_cuda_graph_sampler_equals_eager_sampler(trained_model):
     """The in-graph fused sampler (greedy and seeded rows) gives what the eager path gives."""
     tok = AutoTokenizer.from_pretrained(trained_model)
