@@ -12,8 +12,8 @@ for the timed call to write back: a bias of up to ~25% on a 4 MB weight.) GB/s =
 the H100's measured copy bandwidth (shared/reference/GPU.md).
 
     python3 -m benchmarks.gemv_bench            # table / default configs; markdown table last
-    python3 -m benchmarks.gemv_bench --sweep    # also tries configs per shape and M within --budget seconds and
-                                                # prints the best as a dict for gemv.CONFIGS
+    python3 -m benchmarks.gemv_bench --sweep    # first tries configs per shape and M (--sweep-ms) within --budget
+                                                # seconds and prints the best as a dict for gemv.CONFIGS
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def max_rel_err(x: torch.Tensor, w: torch.Tensor, cfg: dict | None) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def config(block_n: int, block_k: int, n: int, k: int, warps: int, stages: int, dot: bool, sms: int) -> dict:
-    split = gemv._split_for(triton.cdiv(n, block_n), k, block_k, sms)
+    split = gemv.k_chunks(k, gemv.split_for(triton.cdiv(n, block_n), k, block_k, sms), block_k)[1]
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
             "dot": dot}
 
@@ -119,10 +119,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 def sweep_one(m: int, n: int, k: int, weights: list[torch.Tensor], deadline: float, sms: int) -> tuple[dict, float]:
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
     out = torch.empty(m, n, device="cuda", dtype=DTYPE)
-    best, best_us = None, float("inf")
-    for i, cfg in enumerate(candidates(m, n, k, sms)):
-        if i >= 2 and time.monotonic() > deadline:
+    best, best_us, tried = None, float("inf"), 0
+    cands = candidates(m, n, k, sms)
+    for cfg in cands:
+        if tried >= 2 and time.monotonic() > deadline:
             break
+        tried += 1
         try:
             err = max_rel_err(x, weights[0], cfg)
             us = time_per_call(ours(x, out, cfg), weights, rep_ms=5) if err < 2e-2 else float("inf")
@@ -133,6 +135,7 @@ def sweep_one(m: int, n: int, k: int, weights: list[torch.Tensor], deadline: flo
             print(f"    {cfg}: WRONG (max rel err {err:.2e})")
         if us < best_us:
             best, best_us = cfg, us
+    print(f"    tried {tried} of {len(cands)} configs")
     return best, best_us
 
 
@@ -206,14 +209,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="try configs per shape and M; print the best")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds for the whole sweep")
-    parser.add_argument("--ms", default="1,2,4,8", help="batch sizes M (comma-separated, <= 16)")
+    parser.add_argument("--ms", default="1,2,4,8,16", help="batch sizes M timed (comma-separated, <= 16)")
+    parser.add_argument("--sweep-ms", default="1,2,4,8", help="batch sizes M swept")
     args = parser.parse_args()
-    ms = [int(v) for v in args.ms.split(",")]
+    ms, sweep_ms = ([int(v) for v in arg.split(",")] for arg in (args.ms, args.sweep_ms))
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB; "
           f"torch {torch.__version__}, triton {triton.__version__}")
-    tuned = sweep(ms, args.budget, props.multi_processor_count) if args.sweep else {}
+    tuned = sweep(sweep_ms, args.budget, props.multi_processor_count) if args.sweep else {}
     print("\n## Timing (cuBLAS, table/default config" + (", swept best)" if tuned else ")"))
     print_tables(measure(ms, tuned), ms)
 

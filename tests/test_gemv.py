@@ -204,9 +204,8 @@ def test_default_config_fills_an_h100(n, k, m):
     """Valid, K fully covered, and enough programs for 132 SMs (without a GPU: pure arithmetic)."""
     c = default_config(m, n, k, 132)
     check_config(c)
-    chunk = triton.cdiv(triton.cdiv(k, c["SPLIT_K"]), c["BLOCK_K"]) * c["BLOCK_K"]
-    splits = triton.cdiv(k, chunk)
-    assert splits * chunk >= k > (splits - 1) * chunk
+    chunk, splits = gemv.k_chunks(k, c["SPLIT_K"], c["BLOCK_K"])
+    assert splits == c["SPLIT_K"] and chunk % c["BLOCK_K"] == 0 and splits * chunk >= k > (splits - 1) * chunk
     assert triton.cdiv(n, c["BLOCK_N"]) * splits >= 132
     assert c["BLOCK_N"] * c["BLOCK_K"] <= 16384  # bounded registers / shared memory per step
 
@@ -240,10 +239,11 @@ def test_gemv_in_fresh_process():
 # ----------------------------------------------------------------------------------------------
 
 def gpu_inputs(m: int, n: int, k: int, seed: int, bias: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    x = rand((m, k), torch.bfloat16, gen)
-    w = (torch.randn((n, k), generator=gen) * k ** -0.5).to(device=DEV, dtype=torch.bfloat16)
-    b = rand((n,), torch.bfloat16, gen) if bias else None
+    """x ~ N(0, 1), W ~ N(0, 1/K) (outputs of order 1), b ~ N(0, 1); drawn on the GPU (LM heads are large)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn((m, k), generator=gen, device=DEV).bfloat16()
+    w = torch.randn((n, k), generator=gen, device=DEV).mul_(k ** -0.5).bfloat16()
+    b = torch.randn((n,), generator=gen, device=DEV).bfloat16() if bias else None
     return x, w, b
 
 

@@ -122,15 +122,24 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-def _split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """K chunks so that tiles * chunks reaches ~2 programs per SM, each chunk at least 2 BLOCK_K deep (or 512)."""
+def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """SPLIT_K for `tiles` programs along N: 1 if they fill the SMs, else enough K chunks for ~2 programs per SM,
+    each chunk at least one BLOCK_K (and 256) deep."""
     if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), k // max(512, 2 * block_k)))
+    return max(1, min(triton.cdiv(2 * sms, tiles), k // max(256, block_k)))
 
 
+def k_chunks(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(chunk, splits): each split covers `chunk` of K, a multiple of BLOCK_K; splits <= SPLIT_K all hold some K."""
+    chunk = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return chunk, triton.cdiv(k, chunk)
+
+
+@functools.lru_cache(maxsize=1024)
 def default_config(m: int, n: int, k: int, sms: int) -> dict:
-    """A config from first principles: ~16 KB W tiles per K step, >= 2 programs per SM, split K only if N is small."""
+    """A config from first principles: ~16 KB W tiles per K step, >= 2 programs per SM, split K only if N is small
+    (cached: do not mutate the result)."""
     if m <= FMA_MAX_M:
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)  # the whole K in one step where K <= 4096
         block_n = min(triton.next_power_of_2(n), max(1, TILE_ELEMS // block_k))
@@ -141,17 +150,18 @@ def default_config(m: int, n: int, k: int, sms: int) -> dict:
     block_k = max(block_k, 16)
     while block_n > min_n and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    split = _split_for(triton.cdiv(n, block_n), k, block_k, sms)
+    split = split_for(triton.cdiv(n, block_n), k, block_k, sms)
     if split > 1 and m <= FMA_MAX_M:  # one K step per chunk
         block_k = max(16, min(block_k, triton.next_power_of_2(triton.cdiv(k, split))))
+    split = k_chunks(k, split, block_k)[1]
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
             "dot": m > FMA_MAX_M}
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """The table's config for (M bucket, N, K) on CUDA, else default_config."""
+    """A copy of the table's config for (M bucket, N, K) on CUDA, else of default_config (cached)."""
     cfg = CONFIGS.get((m_bucket(m), n, k)) if device.type == "cuda" else None
-    return dict(cfg) if cfg is not None else default_config(m, n, k, num_sms(device))
+    return dict(cfg if cfg is not None else default_config(m, n, k, num_sms(device)))
 
 
 def check_config(cfg: dict) -> None:
@@ -206,8 +216,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     (m, k), n = x.shape, weight.shape[0]
     dot = bool(cfg["dot"])
     block_m = max(16, m_bucket(m)) if dot else m_bucket(m)
-    k_chunk = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(k, k_chunk)  # chunks that hold some K (<= SPLIT_K)
+    k_chunk, splits = k_chunks(k, cfg["SPLIT_K"], cfg["BLOCK_K"])
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     _small_m_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
