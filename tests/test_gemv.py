@@ -105,7 +105,7 @@ def assert_linear(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: tor
 @pytest.mark.parametrize("name", list(SMALL_CONFIGS))
 def test_matches_reference(dtype, m, name):
     """Strided x, bias, NaN-poisoned out; N and K not multiples of any block."""
-    gen = torch.Generator().manual_seed(hash((str(dtype), m, name)) % 2**31)
+    gen = torch.Generator().manual_seed(100 * m + 10 * list(SMALL_CONFIGS).index(name) + (dtype == torch.float16))
     n, k = 37, 75 if m == 3 else 130
     x, w, b = strided_rows(m, k, dtype, gen), rand((n, k), dtype, gen), rand((n,), dtype, gen)
     out = poison((m, n), dtype)
