@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.tp import SINGLE, TPInfo
-from nanovllm.layers.linear import check_shape
+from nanovllm.layers.linear import check_shape, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,6 +38,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     gathered to rank 0 (None elsewhere)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(x, self.weight)  # [B, hidden] -> [B, shard_size]
+        logits = linear(x, self.weight)  # [B, hidden] -> [B, shard_size]
         logits = self.tp.gather_last_dim(logits)  # [B, shard_size * tp] on rank 0
         return None if logits is None else logits[:, :self.num_embeddings]

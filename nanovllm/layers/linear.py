@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.tp import SINGLE, TPInfo
+from nanovllm.kernels import gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; decode-sized inputs (x [M <= 16, K], bf16/fp16 on a GPU) take the weight-streaming Triton GEMV."""
+    if gemv.supports(x, weight):
+        return gemv.small_m_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def check_shape(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -47,7 +55,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -100,5 +108,5 @@ class RowParallelLinear(LinearBase):
         super().__init__(divide(input_size, tp, "input size"), output_size, bias, tp, tp_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp.is_first else None)
+        y = linear(x, self.weight, self.bias if self.tp.is_first else None)
         return self.tp.all_reduce(y)
