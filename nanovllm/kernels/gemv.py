@@ -31,7 +31,40 @@ CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "dot"
 
 # Measured configs keyed on (M bucket = next power of 2 of M, N, K); shapes not listed use default_config.
 # Filled from `python3 -m benchmarks.gemv_bench --sweep` on an H100 (paste its printed dict here).
-CONFIGS: dict[tuple[int, int, int], dict] = {}
+CONFIGS: dict[tuple[int, int, int], dict] = {
+    (1, 1024, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 2, 'dot': False},
+    (1, 1024, 3072): {'BLOCK_N': 1, 'BLOCK_K': 4096, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (1, 2048, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (1, 2048, 8192): {'BLOCK_N': 1, 'BLOCK_K': 4096, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (1, 3072, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (1, 4096, 1024): {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 8, 'num_stages': 1, 'dot': False},
+    (1, 6144, 1024): {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 8, 'num_stages': 1, 'dot': False},
+    (1, 16384, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 1024, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 1024, 3072): {'BLOCK_N': 1, 'BLOCK_K': 4096, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 2048, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 2048, 8192): {'BLOCK_N': 2, 'BLOCK_K': 4096, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 2, 'dot': False},
+    (2, 3072, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 4096, 1024): {'BLOCK_N': 8, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (2, 6144, 1024): {'BLOCK_N': 32, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (2, 16384, 2048): {'BLOCK_N': 2, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (4, 1024, 2048): {'BLOCK_N': 4, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (4, 1024, 3072): {'BLOCK_N': 2, 'BLOCK_K': 4096, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (4, 2048, 2048): {'BLOCK_N': 4, 'BLOCK_K': 2048, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (4, 2048, 8192): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (4, 3072, 2048): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 6, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (4, 4096, 1024): {'BLOCK_N': 4, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'dot': False},
+    (4, 6144, 1024): {'BLOCK_N': 32, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (4, 16384, 2048): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (8, 1024, 2048): {'BLOCK_N': 64, 'BLOCK_K': 64, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'dot': True},
+    (8, 1024, 3072): {'BLOCK_N': 32, 'BLOCK_K': 256, 'SPLIT_K': 6, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (8, 2048, 2048): {'BLOCK_N': 64, 'BLOCK_K': 64, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'dot': True},
+    (8, 2048, 8192): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (8, 3072, 2048): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 6, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (8, 4096, 1024): {'BLOCK_N': 16, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'dot': True},
+    (8, 6144, 1024): {'BLOCK_N': 16, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+    (8, 16384, 2048): {'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 3, 'dot': True},
+}
 
 
 @triton.jit
