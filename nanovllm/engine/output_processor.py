@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.detokenizer import IncrementalDetokenizer, byte_level_table
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 
@@ -58,12 +58,16 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.states: dict[int, SeqOutputState] = {}
+        self.tables: dict[bool, list[bytes] | None] = {}  # skip_special_tokens -> byte-level table, built once
 
     def add(self, seq: Sequence, stream: bool = False) -> None:
         sp = seq.sampling_params
         state = SeqOutputState(logprobs=[] if sp.logprobs is not None else None)
         if (sp.stop or stream) and self.tokenizer is not None:
-            state.detok = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens)
+            skip = sp.skip_special_tokens
+            if skip not in self.tables:
+                self.tables[skip] = byte_level_table(self.tokenizer, skip)
+            state.detok = IncrementalDetokenizer(self.tokenizer, sp.stop, skip, self.tables[skip])
         self.states[seq.seq_id] = state
 
     def remove(self, seq: Sequence) -> None:
@@ -87,14 +91,14 @@ class OutputProcessor:
         state = self.states[seq.seq_id]
         if state.logprobs is not None:
             state.logprobs.append(logprobs or {})
-        completion = seq.completion_token_ids
-        n = len(completion)
+        known = seq.num_known_tokens
+        n = known - seq.num_prompt_tokens  # completion tokens so far
         allowed = n >= sp.min_tokens
-        token_id = completion[-1]
+        token_id = seq.token_ids[known - 1]
         if allowed and (token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids)):
             return "stop"  # the stop token's text is never emitted
-        if state.detok is not None:
-            state.detok.update(completion, search_stop=allowed and bool(sp.stop))
+        if state.detok is not None:  # reads the completion in place: no copy per token
+            state.detok.update(seq.token_ids, allowed and bool(sp.stop), seq.num_prompt_tokens, known)
             if state.detok.stop_at is not None:
                 return "stop"
         return "length" if n >= sp.max_tokens else None
