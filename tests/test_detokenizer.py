@@ -41,16 +41,19 @@ def test_fast_path_equals_the_tokenizers_decode(tokenizer, skip):
         assert streamed(tokenizer, ids, skip, table) == tokenizer.decode(ids, skip_special_tokens=skip), ids
 
 
-def test_fast_path_is_used_and_cheap(trained_model):
+def test_fast_path_never_calls_decode(trained_model, monkeypatch):
+    """With a table, streaming reads bytes from it and never calls the tokenizer's decode (the per-token cost the
+    fast path removes; BENCHMARKS.md has the serving numbers); without one, decode does the work."""
     tok = AutoTokenizer.from_pretrained(trained_model)
-    ids = tok.encode(TEXT * 20)
-    import time
+    ids = tok.encode(TEXT * 3)
+    calls = []
+    real_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     slow, fast = (IncrementalDetokenizer(tok, [], True, t) for t in (None, byte_level_table(tok, True)))
-    timings = []
-    for detok in (slow, fast):
-        start = time.perf_counter()
-        for i in range(1, len(ids) + 1):
-            detok.update(ids[:i], search_stop=False)
-        timings.append(time.perf_counter() - start)
-    assert fast.text == slow.text + fast.utf8.decode(b"", final=True) or fast.text == slow.text
-    assert timings[1] < timings[0] / 3, timings  # measured here: ~20x cheaper per token
+    for i in range(1, len(ids) + 1):
+        fast.update(ids[:i], search_stop=False)
+    assert calls == []
+    for i in range(1, len(ids) + 1):
+        slow.update(ids[:i], search_stop=False)
+    assert len(calls) >= len(ids)
+    assert fast.text + fast.utf8.decode(b"", final=True) == slow.text == real_decode(ids, skip_special_tokens=True)

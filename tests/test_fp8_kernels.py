@@ -7,23 +7,16 @@ float -> float8 cast does not round to nearest even; our stores encode e4m3 with
 the interpreter tests cover the exact GPU code. Caches start as NaN codes and scales as NaN, so any read of an
 unwritten slot shows up (through the scale) as NaN.
 """
-import os
-import subprocess
-import sys
 
+import pytest
 import torch
+import triton
+import triton.language as tl
+from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from nanovllm.kernels import triton_attention as ta  # noqa: E402
-from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch  # noqa: E402
-from nanovllm.kernels.torch_attention import (  # noqa: E402
+from nanovllm.kernels import triton_attention as ta
+from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch
+from nanovllm.kernels.torch_attention import (
     FP8_DTYPE,
     decode_attention_torch,
     kv_scale_shape,
@@ -31,16 +24,8 @@ from nanovllm.kernels.torch_attention import (  # noqa: E402
     store_kvcache_torch,
     varlen_attention_torch,
 )
-from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton  # noqa: E402
+from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
-interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
-                            "test_fp8_kernels_in_fresh_process runs these")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-NAN = float("nan")
 TIGHT = {torch.float32: (2e-4, 1e-4), torch.float16: (4e-3, 3e-3), torch.bfloat16: (2e-2, 1e-2)}
 LOOSE_REL = 0.06  # rel. Frobenius error of attention over fp8 K/V vs the unquantised K/V (measured ~0.03)
 
@@ -357,15 +342,9 @@ def test_fp8_scale_arguments_are_checked():
         decode_attention_torch(key, kc, vc, slot + 1, slot.view(1, 1), 1.0, k_scale=ks.double(), v_scale=vs)
 
 
-@pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+@only_if_interp_missed
 def test_fp8_kernels_in_fresh_process():
-    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

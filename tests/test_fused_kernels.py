@@ -4,35 +4,20 @@ Without CUDA the kernels run in the Triton CPU interpreter (tiny shapes, fp32/fp
 at Qwen3-0.6B shapes (H=16, H_kv=8, D=128, hidden 1024, intermediate 3072, vocab 151,936) on a CUDA device.
 Outputs and untouched memory are NaN-poisoned so every element written (or wrongly written) shows.
 """
-import os
-import subprocess
-import sys
 
+import pytest
 import torch
+import triton
+import triton.language as tl
+from kernel_harness import DEV, HAS_CUDA, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+from nanovllm.kernels import sampling
+from nanovllm.kernels.activation import silu_and_mul, silu_and_mul_torch
+from nanovllm.kernels.norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
+from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch
+from nanovllm.kernels.sampling import GREEDY_EPS, gumbel_scores_torch, sample_gumbel, sample_gumbel_torch
+from nanovllm.layers.sampling_rng import seeded_exponential, seeded_uniform
 
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from nanovllm.kernels import sampling  # noqa: E402
-from nanovllm.kernels.activation import silu_and_mul, silu_and_mul_torch  # noqa: E402
-from nanovllm.kernels.norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
-from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch  # noqa: E402
-from nanovllm.kernels.sampling import GREEDY_EPS, gumbel_scores_torch, sample_gumbel, sample_gumbel_torch  # noqa: E402
-from nanovllm.layers.sampling_rng import seeded_exponential, seeded_uniform  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
-interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
-                            "test_fused_kernels_in_fresh_process runs these")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-NAN = float("nan")
 SMALL_DTYPES = [torch.float32, torch.float16]
 MIN_EXACT = 0.95
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -457,15 +442,9 @@ def test_qk_norm_rope_store_bad_inputs():
         qk_norm_rope_store(*bad)
 
 
-@pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+@only_if_interp_missed
 def test_fused_kernels_in_fresh_process():
-    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

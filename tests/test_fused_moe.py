@@ -3,29 +3,14 @@
 Without CUDA the kernels run in the Triton CPU interpreter (tiny shapes, fp32/fp16); tests marked `gpu` run
 bf16 at Qwen3-30B-A3B shapes (E=128, K=8, hidden 2048, I=768 and a TP=2 shard of 384) plus CUDA-graph replay.
 """
-import os
-import subprocess
-import sys
 
+import pytest
 import torch
+from kernel_harness import DEV, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+import nanovllm.kernels.fused_moe as fm
+from nanovllm.kernels.fused_moe import fused_moe, fused_moe_torch, route_topk
 
-import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import nanovllm.kernels.fused_moe as fm  # noqa: E402
-from nanovllm.kernels.fused_moe import fused_moe, fused_moe_torch, route_topk  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
-interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
-                            "test_fused_moe_in_fresh_process runs these")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 INT_POISON = -7  # what poisoned int scratch holds; never a slot, pad or expert id
 
 
@@ -234,15 +219,9 @@ def test_input_errors():
         fm.moe_align_block_size(ids, 2, 24)
 
 
-@pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+@only_if_interp_missed
 def test_fused_moe_in_fresh_process():
-    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,23 +4,15 @@ Without CUDA the kernels run in the Triton CPU interpreter (tiny odd shapes, fp3
 tests marked `gpu` run bf16 at the Qwen3-0.6B and Llama-3.2-1B shapes on a CUDA device, also inside a CUDA graph.
 Outputs are NaN-poisoned so every element written (or wrongly written) shows.
 """
-import os
-import subprocess
-import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
+import triton
+from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from nanovllm.kernels import gemv  # noqa: E402
-from nanovllm.kernels.gemv import (  # noqa: E402
+from nanovllm.kernels import gemv
+from nanovllm.kernels.gemv import (
     MAX_M,
     check_config,
     default_config,
@@ -29,14 +21,6 @@ from nanovllm.kernels.gemv import (  # noqa: E402
     supports,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
-interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
-                            "test_gemv_in_fresh_process runs these")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-NAN = float("nan")
 HALF_ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 ACC_REL = 2.0 ** -16  # fp32 accumulation in another order, relative to sum_k |x w|
 MIN_EXACT = 0.9       # 16-bit outputs: share equal to the reference rounded once
@@ -223,15 +207,9 @@ def test_get_config_prefers_the_table(monkeypatch):
     assert gemv.get_config(3, 300, 700, torch.device("cpu")) == default_config(3, 300, 700, gemv.INTERPRETER_SMS)
 
 
-@pytest.mark.skipif(INTERP_OK, reason="the interpreter tests ran in this process")
+@only_if_interp_missed
 def test_gemv_in_fresh_process():
-    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

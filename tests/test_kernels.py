@@ -3,33 +3,13 @@
 Without CUDA every kernel runs in the Triton CPU interpreter (tiny shapes, fp32/fp16); tests marked `gpu`
 run bf16 at realistic shapes on a CUDA device, plus a CUDA-graph capture/replay of decode.
 """
-import os
-import subprocess
-import sys
 
+import pytest
 import torch
+from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from nanovllm.kernels.torch_attention import decode_attention_torch, store_kvcache_torch, varlen_attention_torch  # noqa: E402
-from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-# Triton's own helpers (tl.zeros, tl.sum, ...) are @jit code bound at triton's first import: the interpreter
-# works only if TRITON_INTERPRET was set before that (a conftest importing transformers imports triton first).
-INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
-interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
-                            "test_kernels_in_fresh_process runs these")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-NAN = float("nan")
-
+from nanovllm.kernels.torch_attention import decode_attention_torch, store_kvcache_torch, varlen_attention_torch
+from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -237,15 +217,9 @@ def test_bad_shapes_raise_value_error():
                       cache[..., :24], cache[..., :24], torch.zeros(1, dtype=torch.int32, device=DEV))
 
 
-@pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+@only_if_interp_missed
 def test_kernels_in_fresh_process():
-    """Run this file's interpreter tests in a process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

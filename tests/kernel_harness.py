@@ -1,0 +1,40 @@
+"""What the Triton kernel test files share: interpreter mode without CUDA, the markers, the fresh-process rerun.
+
+Without a GPU the kernels run in Triton's CPU interpreter, which works only if TRITON_INTERPRET was set before
+triton's first import (its builtins, tl.zeros, tl.sum, ..., are @jit code bound then). conftest.py sets it first;
+this module sets it too, for a file imported some other way. If triton was imported earlier anyway, INTERP_OK is
+False, the `interp` tests skip, and each file's fresh-process test reruns them in a process that starts with it set.
+"""
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+NAN = float("nan")
+INTERP_OK = HAS_CUDA or isinstance(tl.standard.zeros, InterpretedFunction)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+interp = pytest.mark.skipif(not INTERP_OK, reason="triton imported before TRITON_INTERPRET was set: "
+                            "the file's *_in_fresh_process test runs these")
+only_if_interp_missed = pytest.mark.skipif(INTERP_OK, reason="the kernels already run in this process")
+
+
+def rerun_in_fresh_process(test_file: str, timeout_s: int = 900) -> None:
+    """Run test_file's tests (all but its fresh-process one) in a process that has TRITON_INTERPRET=1 from its start."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider",
+           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", "not fresh_process"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
