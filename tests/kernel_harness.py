@@ -38,3 +38,50 @@ def rerun_in_fresh_process(test_file: str, timeout_s: int = 900) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rand(shape, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Normal values drawn on the CPU generator (the same on every device), moved to DEV."""
+    return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=DEV)
+
+
+def poison(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, NAN, dtype=dtype, device=DEV)
+
+
+def strided_rows(n: int, d: int, dtype: torch.dtype, gen: torch.Generator, pad: int = 3) -> torch.Tensor:
+    """[n, d] view with row stride d + 2 * pad inside a NaN-padded buffer."""
+    buf = poison((n, d + 2 * pad), dtype)
+    buf[:, pad:pad + d] = rand((n, d), dtype, gen)
+    return buf[:, pad:pad + d]
+
+
+def cu_seqlens(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEV)
+
+
+def random_lens(gen: torch.Generator, n: int, lo: int, hi: int) -> list[int]:
+    """n lengths drawn uniformly from [lo, hi]."""
+    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+
+# ---- checks --------------------------------------------------------------------------------------
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error, computed in float32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, atol: float, rel: float) -> None:
+    """Same shape and dtype, all finite (poisoned outputs and caches show as NaN), max abs err <= atol, rel <= rel."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all(), "NaN/inf in output: an unwritten output, cache slot or scale was read"
+    max_err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    err = rel_err(out, ref)
+    assert max_err <= atol and err <= rel, f"max abs err {max_err:.3e}, rel Frobenius err {err:.3e}"

@@ -12,7 +12,21 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
+from kernel_harness import (
+    DEV,
+    NAN,
+    assert_close,
+    cdiv,
+    cu_seqlens,
+    gpu,
+    interp,
+    needs_cuda,
+    only_if_interp_missed,
+    rand,
+    random_lens,
+    rel_err,
+    rerun_in_fresh_process,
+)
 
 from nanovllm.kernels import triton_attention as ta
 from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch
@@ -34,29 +48,10 @@ LOOSE_REL = 0.06  # rel. Frobenius error of attention over fp8 K/V vs the unquan
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def rand(shape, dtype, gen, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=DEV)
-
-
 def fp8_cache(shape) -> tuple[torch.Tensor, torch.Tensor]:
     """NaN-poisoned fp8 cache (code 0x7F) and its NaN-poisoned scales."""
     cache = torch.full(shape, 0x7F, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
     return cache, torch.full(kv_scale_shape(cache), NAN, device=DEV)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)).item()
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, atol: float, rel: float) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert torch.isfinite(out).all(), "NaN/inf in output: an unwritten cache slot or scale was read"
-    max_err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
-    assert max_err <= atol and rel_err(out, ref) <= rel, f"max abs err {max_err:.3e}, rel {rel_err(out, ref):.3e}"
 
 
 class Fp8Paged:
@@ -100,10 +95,6 @@ class Fp8Paged:
             kv = rand((slots.numel(), 3, kv_heads, head_dim), dtype, gen)
             store(kv[:, 0], kv[:, 2], self.k, self.v, slots, **self.scales())
             store_kvcache_torch(kv[:, 0], kv[:, 2], self.k_hp, self.v_hp, slots)
-
-
-def cu_seqlens(lens: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEV)
 
 
 def check_prefill(q_lens, k_lens, heads, kv_heads, head_dim, block_size, dtype, seed, **cache_kw) -> float:
@@ -351,10 +342,6 @@ def test_fp8_kernels_in_fresh_process():
 # GPU: bf16 queries, Qwen3-0.6B heads (16 / 8, head_dim 128)
 # ----------------------------------------------------------------------------------------------
 
-def _lens(gen: torch.Generator, n: int, lo: int, hi: int) -> list[int]:
-    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
-
-
 @gpu
 @needs_cuda
 def test_gpu_fp8_encoder_matches_torch_cast():
@@ -371,10 +358,10 @@ def test_gpu_fp8_encoder_matches_torch_cast():
 def test_gpu_prefill_fp8_bf16(block_size, mode):
     seed = 7000 + block_size + len(mode)
     gen = torch.Generator().manual_seed(seed)
-    q_lens = _lens(gen, 6, 1, 1500)
+    q_lens = random_lens(gen, 6, 1, 1500)
     if mode == "chunked":
         q_lens = [min(q, 256) for q in q_lens]
-    cached = {"plain": [0] * 6, "prefix": _lens(gen, 6, 0, 1000), "chunked": _lens(gen, 6, 1, 3000)}[mode]
+    cached = {"plain": [0] * 6, "prefix": random_lens(gen, 6, 0, 1000), "chunked": random_lens(gen, 6, 1, 3000)}[mode]
     k_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     check_prefill(q_lens, k_lens, 16, 8, 128, block_size, torch.bfloat16, seed=seed + 1)
 
@@ -385,7 +372,7 @@ def test_gpu_prefill_fp8_bf16(block_size, mode):
 @pytest.mark.parametrize("block_size", [256, 16])
 def test_gpu_decode_fp8_bf16(batch, block_size):
     gen = torch.Generator().manual_seed(8000 + batch * 7 + block_size)
-    ctx = _lens(gen, batch, 1, 4000 if batch <= 64 else 1500)
+    ctx = random_lens(gen, batch, 1, 4000 if batch <= 64 else 1500)
     if batch > 2:
         ctx[1] = 0  # padded row with far out-of-range stale table entries
     check_decode(ctx, 16, 8, 128, block_size, torch.bfloat16, seed=8001 + batch, stale=10**7)

@@ -9,7 +9,19 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_harness import DEV, HAS_CUDA, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
+from kernel_harness import (
+    DEV,
+    HAS_CUDA,
+    NAN,
+    gpu,
+    interp,
+    needs_cuda,
+    only_if_interp_missed,
+    poison,
+    rand,
+    rerun_in_fresh_process,
+    strided_rows,
+)
 
 from nanovllm.kernels import sampling
 from nanovllm.kernels.activation import silu_and_mul, silu_and_mul_torch
@@ -26,17 +38,6 @@ ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-def rand(shape, dtype, gen, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=DEV)
-
-
-def strided_rows(n: int, d: int, dtype, gen, pad: int = 3) -> torch.Tensor:
-    """[n, d] view with row stride d + 2 * pad inside a NaN-padded buffer."""
-    buf = torch.full((n, d + 2 * pad), NAN, dtype=dtype, device=DEV)
-    buf[:, pad:pad + d] = rand((n, d), dtype, gen)
-    return buf[:, pad:pad + d]
-
 
 def assert_ulps(out: torch.Tensor, ref: torch.Tensor, ulps: float, fp32_rel: float = 2e-6,
                 per_vector: bool = False) -> None:
@@ -56,10 +57,6 @@ def assert_ulps(out: torch.Tensor, ref: torch.Tensor, ulps: float, fp32_rel: flo
     if out.dtype != torch.float32 and out.numel():  # 16-bit outputs: rounding flips stay rare
         exact = (out == ref).double().mean().item()
         assert exact >= MIN_EXACT, f"only {exact:.2%} of the elements equal the reference"
-
-
-def poison(shape, dtype) -> torch.Tensor:
-    return torch.full(shape, NAN, dtype=dtype, device=DEV)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ bf16 at Qwen3-30B-A3B shapes (E=128, K=8, hidden 2048, I=768 and a TP=2 shard of
 
 import pytest
 import torch
-from kernel_harness import DEV, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
+from kernel_harness import DEV, assert_close, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
 
 import nanovllm.kernels.fused_moe as fm
 from nanovllm.kernels.fused_moe import fused_moe, fused_moe_torch, route_topk
@@ -41,15 +41,6 @@ def make_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Gener
     ids = torch.rand(num_tokens, num_experts, generator=gen).argsort(dim=1)[:, :top_k].to(torch.int32)
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
     return weights.to(device), ids.to(device)
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, atol: float, rel: float) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert torch.isfinite(out).all(), "NaN/inf in output"
-    out, ref = out.float(), ref.float()
-    max_err = (out - ref).abs().max().item() if out.numel() else 0.0
-    rel_err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-    assert max_err <= atol and rel_err <= rel, f"max abs err {max_err:.3e}, rel Frobenius err {rel_err:.3e}"
 
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 2e-3), torch.bfloat16: (5e-2, 1e-2)}

@@ -9,7 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
+from kernel_harness import (
+    DEV,
+    NAN,
+    gpu,
+    interp,
+    needs_cuda,
+    only_if_interp_missed,
+    poison,
+    rand,
+    rerun_in_fresh_process,
+    strided_rows,
+)
 
 from nanovllm.kernels import gemv
 from nanovllm.kernels.gemv import (
@@ -46,21 +57,6 @@ SMALL_CONFIGS = {
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-def rand(shape, dtype, gen) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(dtype=dtype, device=DEV)
-
-
-def strided_rows(m: int, k: int, dtype, gen, pad: int = 3) -> torch.Tensor:
-    """[m, k] view with row stride k + 2 * pad inside a NaN-padded buffer."""
-    buf = torch.full((m, k + 2 * pad), NAN, dtype=dtype, device=DEV)
-    buf[:, pad:pad + k] = rand((m, k), dtype, gen)
-    return buf[:, pad:pad + k]
-
-
-def poison(shape, dtype) -> torch.Tensor:
-    return torch.full(shape, NAN, dtype=dtype, device=DEV)
-
 
 def assert_linear(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """|out - ref| <= half an ulp of out's dtype * |ref| + ACC_REL * sum_k |x w| (+ |b|), ref in float64 (free of

@@ -6,7 +6,20 @@ run bf16 at realistic shapes on a CUDA device, plus a CUDA-graph capture/replay 
 
 import pytest
 import torch
-from kernel_harness import DEV, NAN, gpu, interp, needs_cuda, only_if_interp_missed, rerun_in_fresh_process
+from kernel_harness import (
+    DEV,
+    NAN,
+    assert_close,
+    cdiv,
+    cu_seqlens,
+    gpu,
+    interp,
+    needs_cuda,
+    only_if_interp_missed,
+    rand,
+    random_lens,
+    rerun_in_fresh_process,
+)
 
 from nanovllm.kernels.torch_attention import decode_attention_torch, store_kvcache_torch, varlen_attention_torch
 from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvcache, varlen_attention_triton
@@ -15,22 +28,9 @@ from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvc
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def poison_allocator(device: str, nbytes: int = 64 << 20) -> None:
     """Leave NaN in freed memory so that outputs allocated next start as NaN (effective on CUDA)."""
     torch.full((nbytes // 4,), NAN, dtype=torch.float32, device=device)
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, atol: float, rel: float) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert torch.isfinite(out).all(), "NaN/inf in output"
-    out, ref = out.float(), ref.float()
-    max_err = (out - ref).abs().max().item()
-    rel_err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-    assert max_err <= atol and rel_err <= rel, f"max abs err {max_err:.3e}, rel Frobenius err {rel_err:.3e}"
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -66,10 +66,6 @@ class PagedCache:
         return self.block_table[seq, pos // self.block_size].long() * self.block_size + pos % self.block_size
 
 
-def rand(shape, dtype, gen) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(dtype=dtype, device=DEV)
-
-
 def fill_cache(cache: PagedCache, lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                gen: torch.Generator, new: list[int] | None = None) -> None:
     """Write random K/V for every sequence: old tokens with the reference store, the last new[i] tokens
@@ -82,10 +78,6 @@ def fill_cache(cache: PagedCache, lens: list[int], num_kv_heads: int, head_dim: 
             continue
         kv = rand((slots.numel(), 3, num_kv_heads, head_dim), dtype, gen)  # keys/values are strided views
         store(kv[:, 0], kv[:, 2], cache.k, cache.v, slots)
-
-
-def cu_seqlens(lens: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEV)
 
 
 def check_prefill(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
@@ -226,10 +218,6 @@ def test_kernels_in_fresh_process():
 # GPU tests: bf16, realistic shapes (Qwen3-0.6B: 16 q heads, 8 kv heads, head_dim 128)
 # ----------------------------------------------------------------------------------------------
 
-def _lens(gen: torch.Generator, n: int, lo: int, hi: int) -> list[int]:
-    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("block_size", [256, 16])
@@ -237,10 +225,10 @@ def _lens(gen: torch.Generator, n: int, lo: int, hi: int) -> list[int]:
 def test_gpu_prefill_bf16(block_size, mode):
     seed = 1000 + block_size + len(mode)
     gen = torch.Generator().manual_seed(seed)
-    q_lens = _lens(gen, 7, 1, 1500)
+    q_lens = random_lens(gen, 7, 1, 1500)
     if mode == "chunked":  # a 256-token chunk (or the whole rest) after up to 3000 cached tokens
         q_lens = [min(q, 256) for q in q_lens]
-    cached = {"plain": [0] * 7, "prefix": _lens(gen, 7, 0, 1000), "chunked": _lens(gen, 7, 1, 3000)}[mode]
+    cached = {"plain": [0] * 7, "prefix": random_lens(gen, 7, 0, 1000), "chunked": random_lens(gen, 7, 1, 3000)}[mode]
     k_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     check_prefill(q_lens, k_lens, 16, 8, 128, block_size, torch.bfloat16, seed=seed + 1)
 
@@ -252,8 +240,8 @@ def test_gpu_prefill_bf16(block_size, mode):
     (16, 8, 128, torch.float16), (16, 8, 128, torch.float32), (32, 4, 32, torch.bfloat16)])
 def test_gpu_prefill_shapes(heads, kv_heads, head_dim, dtype):
     gen = torch.Generator().manual_seed(2000 + heads * 100 + head_dim)
-    q_lens = _lens(gen, 4, 1, 700)
-    k_lens = [q + p for q, p in zip(q_lens, _lens(gen, 4, 0, 500), strict=True)]
+    q_lens = random_lens(gen, 4, 1, 700)
+    k_lens = [q + p for q, p in zip(q_lens, random_lens(gen, 4, 0, 500), strict=True)]
     check_prefill(q_lens, k_lens, heads, kv_heads, head_dim, 16 * (1 + (heads % 2)), dtype, seed=2001 + heads)
 
 
@@ -263,7 +251,7 @@ def test_gpu_prefill_shapes(heads, kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("block_size", [256, 16])
 def test_gpu_decode_bf16(batch, block_size):
     gen = torch.Generator().manual_seed(3000 + batch * 7 + block_size)
-    ctx = _lens(gen, batch, 1, 4000 if batch <= 64 else 1500)
+    ctx = random_lens(gen, batch, 1, 4000 if batch <= 64 else 1500)
     if batch > 2:
         ctx[1] = 0  # padded row with far out-of-range stale table entries
     check_decode(ctx, 16, 8, 128, block_size, torch.bfloat16, seed=3001 + batch, stale=10**7)
@@ -276,7 +264,7 @@ def test_gpu_decode_bf16(batch, block_size):
     (16, 8, 128, torch.float16), (16, 8, 128, torch.float32), (32, 2, 128, torch.bfloat16)])
 def test_gpu_decode_shapes(heads, kv_heads, head_dim, dtype):
     gen = torch.Generator().manual_seed(4000 + heads * 100 + head_dim)
-    check_decode(_lens(gen, 5, 1, 3000) + [0], heads, kv_heads, head_dim, 32, dtype, seed=4001 + heads)
+    check_decode(random_lens(gen, 5, 1, 3000) + [0], heads, kv_heads, head_dim, 32, dtype, seed=4001 + heads)
 
 
 @gpu

@@ -532,6 +532,16 @@ def property_stats(request):
         assert stats["preempted"] > 0 and stats["prefix_hit_tokens"] > 0 and stats["chunked"] > 0, stats
 
 
+def assert_finished_by_its_rules(completion: list[int], request: dict) -> None:
+    """A finished completion stopped at max_tokens, or (unless ignore_eos) at its first EOS."""
+    assert 1 <= len(completion) <= request["max_tokens"]
+    if request["ignore_eos"]:
+        assert len(completion) == request["max_tokens"]
+    else:
+        assert EOS not in completion[:-1]
+        assert len(completion) == request["max_tokens"] or completion[-1] == EOS
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads())
 def test_random_workloads_keep_block_pool_consistent(property_stats, workload):
@@ -624,12 +634,7 @@ def test_random_workloads_keep_block_pool_consistent(property_stats, workload):
             continue
         completion = seq.completion_token_ids
         assert completion == fed[seq.seq_id]
-        assert 1 <= len(completion) <= r["max_tokens"]
-        if r["ignore_eos"]:
-            assert len(completion) == r["max_tokens"]
-        else:
-            assert EOS not in completion[:-1]
-            assert len(completion) == r["max_tokens"] or completion[-1] == EOS
+        assert_finished_by_its_rules(completion, r)
 
 
 class SimulatedDevice:
@@ -734,9 +739,4 @@ def test_random_workloads_overlapped_keep_pool_consistent_and_read_true_tokens(o
         assert seq.is_finished and seq.prompt_token_ids == r["tokens"] and PENDING not in seq.token_ids
         truth = device.truth[seq.seq_id]
         assert seq.token_ids == truth[:len(seq)] and len(truth) - len(seq) in (0, 1)  # at most one discarded
-        assert 1 <= len(completion) <= r["max_tokens"]
-        if r["ignore_eos"]:
-            assert len(completion) == r["max_tokens"]
-        else:
-            assert EOS not in completion[:-1]
-            assert len(completion) == r["max_tokens"] or completion[-1] == EOS
+        assert_finished_by_its_rules(completion, r)

@@ -33,8 +33,9 @@ def stop_holdback(sp: SamplingParams) -> int:
 
 @dataclass
 class RequestOutput:
-    """What one sample of a request produced since its last output (streaming), or, with finished, its end."""
-    request_id: int
+    """What one sample of a request produced since its last output (streaming), or, with finished, its end. The
+    sample's last one has finished=True and finish_reason "stop", "length" or "abort"."""
+    request_id: int | str           # the engine's id (AsyncLLM: the caller's str id)
     index: int                      # which of the request's n samples
     token_ids: list[int]            # new token ids
     text: str                       # new text

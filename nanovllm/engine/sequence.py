@@ -100,4 +100,4 @@ class Sequence:
         if self.num_pending:
             del self.token_ids[-self.num_pending:]
             self.num_pending = 0
-        self.last_sample_row = -1  # row of this sequence in the latest launched step that samples for it
+        self.last_sample_row = -1  # no launched step samples for it any more

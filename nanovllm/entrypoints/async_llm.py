@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from nanovllm.engine.errors import EngineDeadError, RequestsFailedError
@@ -34,19 +34,8 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StreamOutput:
-    """What one sample of a request produced since its previous StreamOutput. The sample's last one has
-    finished=True and finish_reason "stop", "length" or "abort" (aborted by `AsyncLLM.abort`)."""
-    request_id: str
-    index: int                               # which of the request's n samples
-    text: str                                # new text
-    token_ids: list[int]                     # new token ids
-    logprobs: list[dict[int, float]] | None  # per new token {token id: logprob}, when the request asked
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int                   # prompt tokens served from the prefix cache
+# What generate() yields: a RequestOutput whose request_id is the caller's (str) id, one per sample per yield.
+StreamOutput = RequestOutput
 
 
 class RequestStream:
@@ -339,14 +328,12 @@ class EngineLoop:
 
 
 def merge_outputs(request_id: str, outputs: list[RequestOutput]) -> list[StreamOutput]:
-    """One StreamOutput per sample from consecutive deltas, in the order the samples first appear."""
+    """One output per sample from consecutive deltas, in the order the samples first appear, under request_id."""
     merged: dict[int, StreamOutput] = {}
     for out in outputs:
         m = merged.get(out.index)
         if m is None:
-            merged[out.index] = StreamOutput(request_id, out.index, out.text, out.token_ids, out.logprobs,
-                                             out.finished, out.finish_reason, out.num_prompt_tokens,
-                                             out.num_cached_tokens)
+            merged[out.index] = replace(out, request_id=request_id)
             continue
         m.text += out.text
         m.token_ids = m.token_ids + out.token_ids

@@ -122,23 +122,21 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark seq finished and free its blocks (safe while a launched step still reads them: any step that
         reuses a block runs after it on the device)."""
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        seq.drop_pending()
-        self.block_manager.deallocate(seq)
-        self._remove(seq)
+        self._end(seq, reason, forget=False)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop sequences whose step failed or which were cancelled; their blocks' contents are not trusted, so
         their hashes are forgotten."""
         for seq in seqs:
-            if seq.is_finished and not seq.block_table:
-                continue
-            self.block_manager.deallocate(seq, forget=True)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "abort"
-            seq.drop_pending()
-            self._remove(seq)
+            if not (seq.is_finished and not seq.block_table):
+                self._end(seq, "abort", forget=True)
+
+    def _end(self, seq: Sequence, reason: str, forget: bool) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.drop_pending()
+        self.block_manager.deallocate(seq, forget)
+        self._remove(seq)
 
     def _remove(self, seq: Sequence) -> None:
         if seq in self.running:

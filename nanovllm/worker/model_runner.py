@@ -267,7 +267,7 @@ def synthetic_prefill(num_seqs: int, seq_len: int, width: int, block_size: int) 
     slots = tables[rows, pos // block_size] * block_size + pos % block_size
     cu = np.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=np.int32)
     return StepInput(is_prefill=True, input_ids=np.zeros(num_seqs * seq_len, dtype=np.int32),
-                     prev_rows=np.full(num_seqs * seq_len, -1, dtype=np.int32), positions=pos,
+                     prev_rows=None, positions=pos,
                      slot_mapping=slots.astype(np.int32), block_tables=tables, cu_seqlens_q=cu, cu_seqlens_k=cu,
                      sampling=SamplingInput(temperatures=np.zeros(num_seqs, np.float32),
                                             seeds=np.zeros(num_seqs, np.int64), positions=np.zeros(num_seqs, np.int64)))
@@ -277,9 +277,7 @@ def warmup_step(config: Config) -> StepInput:
     """The largest prefill the scheduler can build: max_num_batched_tokens over as few sequences as possible."""
     seq_len = min(config.max_model_len, config.max_num_batched_tokens)
     num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
-    step = synthetic_prefill(num_seqs, seq_len, -(-seq_len // config.kvcache_block_size), config.kvcache_block_size)
-    step.prev_rows = None
-    return step
+    return synthetic_prefill(num_seqs, seq_len, -(-seq_len // config.kvcache_block_size), config.kvcache_block_size)
 
 
 def channel_capacity(config: Config) -> int:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from nanovllm.engine.detokenizer import byte_level_alphabet
 from nanovllm.engine.errors import EngineDeadError, RequestsFailedError
 from nanovllm.entrypoints.async_llm import AsyncLLM, StreamOutput
 from nanovllm.entrypoints.openai import protocol
@@ -170,13 +171,6 @@ class Choice:
     finish_reason: str | None = None
 
 
-def byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in character (GPT-2's, also Qwen's) -> the byte it stands for."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-
-
 class TokenTexts:
     """Token id -> its text and its bytes, for logprobs (cached; used on the event loop's thread only). A byte-level
     BPE token that is part of a UTF-8 character has the text "\ufffd" but its own byte(s)."""
@@ -185,7 +179,7 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.texts: dict[int, str] = {}
         self.bytes: dict[int, list[int]] = {}
-        self.alphabet = byte_level_alphabet()
+        self.alphabet = {c: b for b, c in byte_level_alphabet().items()}  # stand-in character -> byte
 
     def __call__(self, token_id: int) -> str:
         text = self.texts.get(token_id)
