@@ -10,7 +10,6 @@ Ray's dispatch and any imbalance between replicas. Exits 1 when the ratio misses
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -18,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from nanovllm.integrations.ray import LLMPredictor, build_processor
-from nanovllm.testing.random_checkpoint import DEFAULT_CACHE_DIR
+from nanovllm.testing.random_checkpoint import resolve_model
 from nanovllm.testing.workload import make_workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,19 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_model(model: str) -> str:
-    """model if it exists, else the random checkpoint, built in a child process so this driver never touches a GPU
-    (the replicas get all of theirs)."""
-    model = os.path.expanduser(model)
-    if os.path.isdir(model):
-        return model
-    path = os.path.expanduser(DEFAULT_CACHE_DIR)
-    print(f"model {model!r} not found: BENCHMARKING RANDOM WEIGHTS (Qwen3-0.6B's configuration) at {path}",
-          file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "nanovllm.testing.random_checkpoint", path], cwd=REPO, check=True)
-    return path
-
-
 def workload_rows(args: argparse.Namespace) -> list[dict]:
     prompts, params = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
     return [{"id": i, "prompt_token_ids": ids, "sampling_params": {
@@ -108,7 +94,7 @@ def run(model: str, rows: list[dict], replicas: int, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model = resolve_model(args.model)
+    model, _ = resolve_model(args.model, in_child_process=True)
     rows = workload_rows(args)
     ray.init(include_dashboard=False, object_store_memory=4 * 1024**3)
     gpus = ray.cluster_resources().get("GPU", 0)

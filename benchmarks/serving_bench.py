@@ -90,20 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_model(model: str) -> tuple[str, bool]:
-    """model if it exists, else the random Qwen3-0.6B checkpoint, built in a child process (this one stays off the
-    GPU)."""
-    model = os.path.expanduser(model)
-    if os.path.isdir(model):
-        return model, False
-    from nanovllm.testing.random_checkpoint import DEFAULT_CACHE_DIR
-    path = os.path.expanduser(DEFAULT_CACHE_DIR)
-    print(f"model {model!r} not found: BENCHMARKING RANDOM WEIGHTS (Qwen3-0.6B's configuration) at {path}",
-          file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "nanovllm.testing.random_checkpoint", path], cwd=REPO, check=True)
-    return path, True
-
-
 def engine_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--max-model-len", str(args.max_model_len), "--tensor-parallel-size", str(args.tensor_parallel_size)]
     return flags + (["--enforce-eager"] if args.enforce_eager else [])
@@ -325,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    model, random_weights = resolve_model(args.model)
+    from nanovllm.testing.random_checkpoint import resolve_model  # loads torch (CPU); the GPU stays untouched
+    model, random_weights = resolve_model(args.model, in_child_process=True)
     offline = None if args.skip_offline else run_offline(model, args)
     server = Server(model, args)
     try:

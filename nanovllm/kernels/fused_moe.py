@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import dot_precision, last_dim_contiguous
+
 # M = T*K slots at or below this: the alignment runs as one program (one launch, the decode case).
 ALIGN_ONE_PROGRAM_MAX = 4096
 _ALIGN_CHUNK = 1024  # slots per program step in the alignment kernels
@@ -384,7 +386,7 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return out
     interpret = hidden_states.device.type == "cpu"
     cfg = config or moe_config(num_tokens, top_k, num_experts, interpret)
-    hidden_states, w13, w2 = (_last_dim_contiguous(t) for t in (hidden_states, w13, w2))
+    hidden_states, w13, w2 = (last_dim_contiguous(t) for t in (hidden_states, w13, w2))
     flat_ids = topk_ids.reshape(-1).contiguous()  # [M]
     flat_weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [M]
     plan = moe_align_block_size(flat_ids, num_experts, cfg.block_m)
@@ -406,7 +408,7 @@ def _gate_up(hidden_states: torch.Tensor, w13: torch.Tensor, plan: tuple, top_k:
         hidden_states, w13, act, sorted_ids, block_expert, num_post, num_slots, hidden, inter,
         hidden_states.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=hidden % tile.block_k == 0, DOT_PREC=_dot_precision(hidden_states),
+        EVEN_K=hidden % tile.block_k == 0, DOT_PREC=dot_precision(hidden_states),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return act
 
@@ -422,7 +424,7 @@ def _down(act: torch.Tensor, w2: torch.Tensor, flat_weights: torch.Tensor, plan:
         act, w2, y, flat_weights, sorted_ids, block_expert, num_post, num_slots, hidden, inter,
         act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=inter % tile.block_k == 0, DOT_PREC=_dot_precision(act),
+        EVEN_K=inter % tile.block_k == 0, DOT_PREC=dot_precision(act),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return y
 
@@ -438,14 +440,6 @@ def _sum_slots(y: torch.Tensor, flat_ids: torch.Tensor, out: torch.Tensor, num_e
 def _alloc(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Scratch buffers (tests swap this for a poisoning allocator)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_out(out: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:

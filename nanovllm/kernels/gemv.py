@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import cuda_sm_count
+
 MAX_M = 16                # rows of x this path takes; larger batches go to F.linear
 FMA_MAX_M = 4             # default: CUDA-core inner product up to this M, tensor cores above
 TILE_ELEMS = 8192         # default W elements per program per K step (16 KB of bf16)
@@ -140,15 +142,10 @@ def _split_k_reduce_kernel(part_ptr,  # [SPLITS, M, N] fp32 contiguous
 # Configs
 # ----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_sm_count(device)
 
 
 def m_bucket(m: int) -> int:

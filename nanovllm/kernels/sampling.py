@@ -17,12 +17,11 @@ the noise's relative error stays below ~3e-6 everywhere. NaN logits are never pi
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import cuda_sm_count
 from nanovllm.layers.sampling_rng import seeded_uniform
 
 GREEDY_EPS = 1e-5
@@ -175,18 +174,13 @@ def _gumbel_reduce_kernel(part_val_ptr,  # [B, S] fp32
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def sampler_config(batch: int, vocab: int, device: torch.device) -> dict:
     """rows per program, tile width, tiles per program, warps: depends only on (batch, vocab, device)."""
     rows = min(4, triton.next_power_of_2(max(batch, 1)))
     if device.type != "cuda":  # interpreter: few, wide programs
         return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1}
     tile_v = 1024 if rows <= 2 else 512
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = cuda_sm_count(device)
     groups, num_tiles = triton.cdiv(batch, rows), triton.cdiv(vocab, tile_v)
     tiles = max(1, min(64, triton.cdiv(groups * num_tiles, 8 * sms)))  # ~8 programs per SM
     return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4}

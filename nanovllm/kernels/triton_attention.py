@@ -14,12 +14,11 @@ Without scales the FP8 constexpr is False and the kernels compile exactly as bef
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import cuda_sm_count, dot_precision, last_dim_contiguous
 from nanovllm.kernels.torch_attention import FP8_INV_MAX, FP8_MAX, check_kv_scales, kv_scale_shape
 
 LOG2E = 1.4426950408889634
@@ -191,7 +190,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                          f"slot_mapping {tuple(slot_mapping.shape)} do not match")
     if num_tokens == 0:
         return
-    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    key, value = last_dim_contiguous(key), last_dim_contiguous(value)
     k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_dst, v_dst, slot_mapping, k_scale, v_scale,
@@ -328,7 +327,7 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_seqs = cu_seqlens_q.shape[0] - 1
     if block_table.dim() != 2 or block_table.shape[0] < num_seqs:
         raise ValueError(f"block_table shape {tuple(block_table.shape)} does not cover {num_seqs} sequences")
-    q = _last_dim_contiguous(q)
+    q = last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if total_q == 0 or num_seqs == 0 or max_seqlen_q <= 0:
         return out
@@ -346,7 +345,7 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_scale.stride(0), k_scale.stride(1),
         GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
-        DOT_PREC=_dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q), num_warps=cfg["num_warps"])
+        DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q), num_warps=cfg["num_warps"])
     return out
 
 
@@ -460,17 +459,12 @@ def _decode_merge_kernel(out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, stride_ob, 
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(num_splits > 1, HEAD_DIM, 0))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool = False) -> dict:
     """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe)."""
     batch = q.shape[0]
     if _interpreting(q):
         return {"tile_n": 32, "num_warps": 4, "num_stages": 1, "max_splits": 4, "min_split_tiles": 1}
-    sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    sms = cuda_sm_count(q.device)
     target = 2 * sms  # programs wanted; split only when batch x kv_heads is short of it (H100-tuned)
     max_splits = min(32, triton.next_power_of_2(triton.cdiv(target, batch * num_kv_heads)))
     # Latency-bound batches (fewer programs than SMs) split down to one tile per program; others keep >= 4 tiles.
@@ -499,7 +493,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if context_lens.shape != (batch,) or block_table.dim() != 2 or block_table.shape[0] < batch:
         raise ValueError(f"decode: context_lens {tuple(context_lens.shape)} / block_table "
                          f"{tuple(block_table.shape)} do not match batch {batch}")
-    q = _last_dim_contiguous(q)
+    q = last_dim_contiguous(q)
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -521,7 +515,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         max_splits, cfg["min_split_tiles"],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
-        NUM_STAGES=cfg["num_stages"], DOT_PREC=_dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
+        NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
         num_warps=cfg["num_warps"])
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
@@ -544,14 +538,6 @@ def _fp8_compute_dtype(q: torch.Tensor) -> tl.dtype:
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
-
-
-def _dot_precision(q: torch.Tensor) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _group_size(num_heads: int, num_kv_heads: int) -> int:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -190,14 +191,22 @@ def build_qwen3_0_6b(path: str) -> str:
     return build_random_checkpoint(path, "qwen3-0.6b")
 
 
-def resolve_model(model: str, cache_dir: str = DEFAULT_CACHE_DIR) -> tuple[str, bool]:
-    """(model dir to use, whether it has random weights): model if it exists, else the cached random checkpoint."""
+def resolve_model(model: str, cache_dir: str = DEFAULT_CACHE_DIR, in_child_process: bool = False
+                  ) -> tuple[str, bool]:
+    """(model dir to use, whether it has random weights): model if it exists, else the cached random checkpoint.
+    in_child_process: build it in a child process, so the caller never touches a GPU (benchmark drivers whose
+    replicas or server need all of it)."""
     model = os.path.expanduser(model)
     if os.path.isdir(model):
         return model, False
     print(f"model directory {model!r} not found: BENCHMARKING RANDOM WEIGHTS (Qwen3-0.6B's exact configuration "
           f"and shapes; throughput does not depend on the weights' values)", file=sys.stderr)
-    return build_qwen3_0_6b(cache_dir), True
+    if not in_child_process:
+        return build_qwen3_0_6b(cache_dir), True
+    path = os.path.expanduser(cache_dir)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-m", "nanovllm.testing.random_checkpoint", path], cwd=package_root, check=True)
+    return path, True
 
 
 def _arch(arch: str) -> RandomArch:
