@@ -29,6 +29,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from nanovllm.testing.checkpoints import CHAT_TEMPLATE
+
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "nanovllm", "random-qwen3-0.6b")
 QWEN3_0_6B_PARAMS = 596_049_920
 LLAMA_3_2_1B_PARAMS = 1_235_814_400
@@ -36,8 +38,6 @@ QWEN3_30B_A3B_PARAMS = 30_532_122_624
 # Qwen3's special tokens keep their real ids, so the config's bos/eos ids exist in the tokenizer.
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 LLAMA3_SPECIAL_TOKENS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|eot_id|>": 128009}
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def qwen3_0_6b_config() -> Qwen3Config:
