@@ -23,8 +23,9 @@ def block_tables(seqs: list[Sequence]) -> np.ndarray:
     return table
 
 
-def slots(table_row: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
-    return table_row[positions // block_size] * block_size + positions % block_size
+def slots(tables: np.ndarray, rows: np.ndarray | int, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slot of each position: its block (looked up in the row's block table) * block_size + offset."""
+    return tables[rows, positions // block_size] * block_size + positions % block_size
 
 
 def build_prefill(seqs: list[Sequence], block_size: int) -> StepInput:
@@ -37,7 +38,7 @@ def build_prefill(seqs: list[Sequence], block_size: int) -> StepInput:
         input_ids.extend(seq.token_ids[start:end])
         pos = np.arange(start, end, dtype=np.int32)
         positions.append(pos)
-        slot_mapping.append(slots(tables[i], pos, block_size))
+        slot_mapping.append(slots(tables, i, pos, block_size))
         cu_q.append(cu_q[-1] + end - start)
         cu_k.append(cu_k[-1] + end)  # keys run to the chunk's end (GeeeekExplorer/nano-vllm#212)
     return StepInput(is_prefill=True, input_ids=np.asarray(input_ids, dtype=np.int32), prev_rows=None,
@@ -58,7 +59,7 @@ def build_decode(seqs: list[Sequence], block_size: int) -> StepInput:
     if pending.any():
         prev_rows = np.fromiter((seq.last_sample_row for seq in seqs), dtype=np.int32, count=n)
         prev_rows[~pending] = -1
-    slot_mapping = tables[np.arange(n), positions // block_size] * block_size + positions % block_size
+    slot_mapping = slots(tables, np.arange(n), positions, block_size)
     return StepInput(is_prefill=False, input_ids=input_ids, prev_rows=prev_rows, positions=positions,
                      slot_mapping=slot_mapping, block_tables=tables, context_lens=positions + 1)
 
