@@ -13,6 +13,7 @@ exponential-trick sampler), "n/a" if that API is not importable in this checkout
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -203,13 +204,13 @@ def time_sampler_config(batch: int, cfg: dict) -> str:
 def sweep_sampler() -> None:
     print("\n## sample_gumbel tilings (graph us per call; default: " + ", ".join(
         f"B={b}: {sampling.sampler_config(b, VOCAB, torch.device('cuda'))}" for b in (1, 256)) + ")")
-    print("| rows | tile_v | tiles | warps | B=1 | B=256 |\n|---|---|---|---|---|---|")
-    for rows, tile_v, tiles, warps in [(1, 1024, 1, 4), (1, 2048, 1, 8), (2, 1024, 2, 4), (4, 512, 8, 4),
-                                       (4, 512, 18, 4), (4, 1024, 4, 8), (8, 256, 16, 4), (8, 512, 8, 8),
-                                       (4, 256, 16, 2), (2, 512, 16, 4)]:
-        cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": warps}
+    print("| rows | tile_v | tiles | warps | stages | B=1 | B=256 |\n|---|---|---|---|---|---|---|")
+    tilings = [(1, 1024, 1, 4), (2, 1024, 2, 4), (4, 512, 8, 4), (4, 512, 18, 4), (4, 1024, 4, 8), (8, 256, 16, 4),
+               (8, 512, 8, 8), (4, 256, 16, 2), (2, 512, 16, 4), (4, 512, 36, 4), (8, 512, 18, 8), (2, 1024, 8, 4)]
+    for (rows, tile_v, tiles, warps), stages in itertools.product(tilings, (1, 2, 3)):
+        cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": warps, "stages": stages}
         cells = [time_sampler_config(batch, cfg) for batch in (1, 256)]
-        print(f"| {rows} | {tile_v} | {tiles} | {warps} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {rows} | {tile_v} | {tiles} | {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:

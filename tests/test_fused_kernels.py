@@ -68,7 +68,7 @@ def _uniform_probe_kernel(seed_ptr, pos_ptr, out_ptr, vocab, V_P2: tl.constexpr)
     b = tl.program_id(0)
     cols = tl.arange(0, V_P2)
     key = sampling._row_keys(tl.load(seed_ptr + b), tl.load(pos_ptr + b))
-    u = sampling._uniform(sampling._mix32(key ^ sampling._value_hash(cols.to(tl.uint32))))
+    u = sampling._uniform(sampling._cell_bits(key, sampling._value_hash(cols.to(tl.uint32))))
     tl.store(out_ptr + b * vocab + cols, u, mask=cols < vocab)
 
 

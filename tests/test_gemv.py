@@ -22,7 +22,7 @@ from kernel_harness import (
     strided_rows,
 )
 
-from nanovllm.kernels import gemv
+from nanovllm.kernels import activation, gemv
 from nanovllm.kernels.gemv import (
     MAX_M,
     check_config,
@@ -91,6 +91,33 @@ def test_matches_reference(dtype, m, name):
     out = poison((m, n), dtype)
     assert small_m_linear(x, w, b, out=out, config=SMALL_CONFIGS[name]) is out
     assert_linear(out, x, w, b)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("name", list(SMALL_CONFIGS))
+def test_gated_equals_silu_and_mul_then_linear(dtype, m, name):
+    """gated=True: x = [gate | up] [M, 2K] (row-strided, odd K); the GEMV reads silu(gate) * up rounded as the
+    silu_and_mul kernel stores it, so it equals that kernel followed by the plain GEMV, bit for bit."""
+    gen = torch.Generator().manual_seed(300 + 10 * m + list(SMALL_CONFIGS).index(name))
+    n, k = 29, 75 if m == 3 else 130
+    gate_up, w, b = strided_rows(m, 2 * k, dtype, gen), rand((n, k), dtype, gen), rand((n,), dtype, gen)
+    out = poison((m, n), dtype)
+    small_m_linear(gate_up, w, b, out=out, config=SMALL_CONFIGS[name], gated=True)
+    act = activation.silu_and_mul(gate_up)
+    assert_linear(out, act, w, b)
+    assert torch.equal(out, small_m_linear(act, w, b, config=SMALL_CONFIGS[name]))
+
+
+def test_gated_inputs_checked():
+    gate_up, w = torch.zeros(2, 16), torch.zeros(5, 8)
+    with pytest.raises(ValueError, match="odd last dim"):
+        small_m_linear(torch.zeros(2, 15), w, gated=True)
+    with pytest.raises(ValueError, match=r"\[N, 8\]"):
+        small_m_linear(gate_up, torch.zeros(5, 16), gated=True)
+    ref = small_m_linear_torch(gate_up, w, gated=True)
+    assert ref.shape == (2, 5)
 
 
 @interp
@@ -278,6 +305,23 @@ def test_gpu_cuda_graph(name):
         torch.cuda.synchronize()
         assert_linear(out, x, w, b)
         assert torch.equal(out, small_m_linear(x, w, b, config=config))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+def test_gpu_gated_down_projection(m):
+    """The decode MLP's down projection with silu(gate) * up read inside the GEMV equals silu_and_mul + GEMV bit for
+    bit, at the Qwen3-0.6B shape, with the table's config for each M."""
+    n, k = GPU_SHAPES["qwen3_down"]
+    gen = torch.Generator().manual_seed(40 + m)
+    gate_up, w = strided_rows(m, 2 * k, torch.bfloat16, gen), gpu_inputs(m, n, k, seed=41)[1]
+    assert supports(gate_up, w, gated=True) and not supports(gate_up, w)
+    out = poison((m, n), torch.bfloat16)
+    small_m_linear(gate_up, w, out=out, gated=True)
+    act = activation.silu_and_mul(gate_up)
+    assert torch.equal(out, small_m_linear(act, w))
+    assert_linear(out, act, w)
 
 
 @gpu

@@ -74,3 +74,40 @@ def test_qwen3_0_6b_teacher_forced(qwen3_0_6b, big_hf, enforce_eager):
     print(f"teacher-forced max gap (enforce_eager={enforce_eager}): {worst:.4f}")
     assert all(len(o["token_ids"]) == 48 for o in outs)
     assert worst <= MARGIN
+
+
+PDL_SCRIPT = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+prompts = json.loads(sys.argv[2])
+sp = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+      SamplingParams(temperature=0.8, seed=7, max_tokens=40, ignore_eos=True)]
+with LLM(sys.argv[1], dtype="bfloat16", max_model_len=512) as llm:
+    outs = llm.generate(prompts, [sp[i % 2] for i in range(len(prompts))], use_tqdm=False)
+print(json.dumps([o["token_ids"] for o in outs]))
+"""
+
+
+def test_programmatic_dependent_launch_changes_no_token(trained_model):
+    """Kernels launched with PDL (the default on sm90+) give the same tokens as with NANOVLLM_PDL=0, greedy and
+    seeded, batch sizes 1 and 8 in CUDA graphs (bf16: the fused gated GEMV at decode)."""
+    import json
+    import subprocess
+    import sys
+    prompts = [[3 + i, 40, 50 + 7 * i] * (i + 1) for i in range(8)]
+    results = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, NANOVLLM_PDL=flag)
+        for batch in (prompts[:1], prompts):
+            out = subprocess.run([sys.executable, "-c", PDL_SCRIPT, trained_model, json.dumps(batch)], env=env,
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-2000:]
+            results[flag, len(batch)] = json.loads(out.stdout.strip().splitlines()[-1])
+    for batch in (1, 8):
+        assert results["1", batch] == results["0", batch]
+    assert torch.cuda.get_device_capability()[0] < 9 or _pdl_on()
+
+
+def _pdl_on() -> bool:
+    from nanovllm.kernels.launch import use_pdl
+    return use_pdl(torch.zeros(1, device="cuda"))

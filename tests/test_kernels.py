@@ -4,6 +4,8 @@ Without CUDA every kernel runs in the Triton CPU interpreter (tiny shapes, fp32/
 run bf16 at realistic shapes on a CUDA device, plus a CUDA-graph capture/replay of decode.
 """
 
+import os
+
 import pytest
 import torch
 from kernel_harness import (
@@ -319,3 +321,17 @@ def test_gpu_decode_cuda_graph_replay():
         torch.cuda.synchronize()
         ref = decode_attention_torch(q, k_cache, v_cache, ctx, table, scale)
         assert_close(out, ref, 2e-2, 1e-2)
+
+
+def test_pdl_is_off_for_cpu_tensors_and_by_environment():
+    """Programmatic dependent launch: never for CPU tensors (the interpreter); NANOVLLM_PDL=0 turns it off."""
+    import subprocess
+    import sys
+
+    from nanovllm.kernels.launch import use_pdl
+    assert not use_pdl(torch.zeros(1))
+    code = "import nanovllm.kernels.launch as l; print(l._PDL_ALLOWED)"
+    for flag, expected in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NANOVLLM_PDL=flag),
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr[-1000:]

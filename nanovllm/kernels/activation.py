@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
@@ -13,7 +15,8 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 def _silu_and_mul_kernel(x_ptr,    # [N, 2I], row stride stride_x
                          out_ptr,  # [N, I] contiguous
                          stride_x, inter,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -37,8 +40,9 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if num_rows == 0 or inter == 0:
         return out
     block = min(1024, triton.next_power_of_2(inter))
+    pdl = use_pdl(x)
     _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        x, out, x.stride(0), inter, BLOCK=block,
+        x, out, x.stride(0), inter, BLOCK=block, USE_PDL=pdl, launch_pdl=pdl,
         num_warps=1 if x.device.type == "cpu" else max(1, min(4, block // 256)))
     return out
 

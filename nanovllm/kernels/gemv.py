@@ -21,12 +21,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import cuda_sm_count
+from nanovllm.kernels.activation import silu_and_mul_torch
+from nanovllm.kernels.launch import cuda_sm_count, use_pdl, wait_for_previous_kernel
 
 MAX_M = 16                # rows of x this path takes; larger batches go to F.linear
 FMA_MAX_M = 4             # default: CUDA-core inner product up to this M, tensor cores above
 TILE_ELEMS = 8192         # default W elements per program per K step (16 KB of bf16)
 MAX_BLOCK_K = 4096        # default: the whole K in one step up to this
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 REDUCE_BLOCK = 256        # outputs per program of the split-K reduction
 INTERPRETER_SMS = 4       # nominal SM count for config choice on CPU (the Triton interpreter)
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "dot")
@@ -70,14 +72,46 @@ CONFIGS: dict[tuple[int, int, int], dict] = {
 
 
 @triton.jit
-def _small_m_linear_kernel(x_ptr,    # [M, K], row stride stride_xm, last dim contiguous
+def _load_x(x_ptr, m, stride_xm, ks, k_ok, K, GATED: tl.constexpr):
+    """Rows m (scalar or [BLOCK_M, 1]) of the GEMV input at columns ks, in fp32: x itself, or (GATED, x = [gate | up]
+    [M, 2K]) silu(gate) * up rounded once to x's dtype, as activation.silu_and_mul would have stored it."""
+    row = x_ptr + m * stride_xm
+    if GATED:
+        gate = tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        up = tl.load(row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+        return (gate / (1.0 + tl.exp2(-gate * LOG2E)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok,
+                BLOCK_M: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += W tile [BLOCK_N, BLOCK_K] @ x[:, ks]^T."""
+    if DOT:
+        # x^T padded to BLOCK_M >= 16 columns with zeros; W is the MMA's M side.
+        x = _load_x(x_ptr, cols[:, None], stride_xm, ks[None, :], col_ok[:, None] & k_ok[None, :], K,
+                    GATED)  # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=PRECISION)
+    else:
+        wf = w.to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            # Rows m >= M (BLOCK_M is M rounded up) re-read row M - 1; the store drops them.
+            xm = _load_x(x_ptr, tl.minimum(m, M - 1), stride_xm, ks, k_ok, K, GATED)  # [BLOCK_K]
+            part = tl.sum(wf * xm[None, :], axis=1)  # [BLOCK_N]
+            acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
+    return acc
+
+
+@triton.jit
+def _small_m_linear_kernel(x_ptr,    # [M, K] ([M, 2K] = [gate | up] when GATED), row stride stride_xm
                            w_ptr,    # [N, K] contiguous
                            b_ptr,    # [N] (read only when HAS_BIAS)
                            out_ptr,  # [M, N], row stride stride_om; or fp32 partials [splits, M, N] (PARTIAL)
                            M, N, K, stride_xm, stride_om, k_chunk,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, STAGES: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, ONE_STEP: tl.constexpr,
+                           GATED: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features n
@@ -90,24 +124,24 @@ def _small_m_linear_kernel(x_ptr,    # [M, K], row stride stride_xm, last dim co
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    # An explicit num_stages also software-pipelines the loads that feed no tl.dot (the fma path) through
-    # shared memory (cp.async): all stages' W loads are in flight before the first use.
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        ks = k0 + offs_k
+    if ONE_STEP:
+        # One K step per program (decode at M=1): the weights, which no kernel writes, are read before waiting for
+        # the previous kernel (PDL), so their load overlaps its tail.
+        ks = k_start + offs_k
         k_ok = ks < K
-        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if DOT:
-            # x^T padded to BLOCK_M >= 16 columns with zeros; W is the MMA's M side.
-            x = tl.load(x_ptr + cols[:, None] * stride_xm + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            wf = w.to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                # Rows m >= M (BLOCK_M is M rounded up) re-read row M - 1; the store drops them.
-                xm = tl.load(x_ptr + tl.minimum(m, M - 1) * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
-                part = tl.sum(wf * xm[None, :], axis=1)  # [BLOCK_N]
-                acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
+        w = tl.load(w_ptrs + k_start, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        wait_for_previous_kernel(USE_PDL)
+        acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION, GATED)
+    else:
+        wait_for_previous_kernel(USE_PDL)
+        # An explicit num_stages also software-pipelines the loads that feed no tl.dot (the fma path) through
+        # shared memory (cp.async): all stages' W loads are in flight before the first use.
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            ks = k0 + offs_k
+            k_ok = ks < K
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION,
+                              GATED)
     mask = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:  # fp32 partial sums of this split: slab pid_k of [splits, M, N]
         part_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + cols[None, :] * N + rows[:, None]
@@ -125,7 +159,8 @@ def _split_k_reduce_kernel(part_ptr,  # [SPLITS, M, N] fp32 contiguous
                            out_ptr,   # [M, N], row stride stride_om
                            M, N, stride_om,
                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr,
-                           HAS_BIAS: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     m = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.arange(0, SPLITS_P2)
@@ -211,24 +246,34 @@ def check_config(cfg: dict) -> None:
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether small_m_linear takes this call on a GPU: x [M, K] with 1 <= M <= MAX_M and a contiguous last dim,
-    weight [N, K] contiguous, both bf16 or both fp16 on the same CUDA device."""
+def in_features(x: torch.Tensor, gated: bool) -> int:
+    """K of the linear that x feeds: x's last dim, or half of it for a gated [gate | up] input."""
+    return x.shape[-1] // 2 if gated else x.shape[-1]
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Whether small_m_linear takes this call on a GPU: x [M, K] ([M, 2K] when gated) with 1 <= M <= MAX_M and a
+    contiguous last dim, weight [N, K] contiguous, both bf16 or both fp16 on the same CUDA device."""
     return (x.is_cuda and weight.device == x.device and x.dim() == 2 and weight.dim() == 2
-            and 1 <= x.shape[0] <= MAX_M and x.shape[1] == weight.shape[1]
+            and 1 <= x.shape[0] <= MAX_M and (not gated or x.shape[1] % 2 == 0)
+            and in_features(x, gated) == weight.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.stride(1) == 1 and weight.is_contiguous())
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
+           gated: bool) -> None:
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)} strides {x.stride()}")
     if x.shape[0] > MAX_M:
         raise ValueError(f"small_m_linear takes at most {MAX_M} rows, got M={x.shape[0]}; use F.linear")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous [N, {x.shape[1]}] tensor, got {tuple(weight.shape)} "
+    if gated and x.shape[1] % 2:
+        raise ValueError(f"a gated x is [M, 2K] = [gate | up]; got an odd last dim {x.shape[1]}")
+    k = in_features(x, gated)
+    if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [N, {k}] tensor, got {tuple(weight.shape)} "
                          f"strides {weight.stride()}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight ({weight.dtype} on {weight.device}) must match x ({x.dtype} on {x.device})")
@@ -242,33 +287,37 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            cfg: dict) -> None:
-    (m, k), n = x.shape, weight.shape[0]
+            cfg: dict, gated: bool) -> None:
+    m, (n, k) = x.shape[0], weight.shape
     dot = bool(cfg["dot"])
     block_m = max(16, m_bucket(m)) if dot else m_bucket(m)
     k_chunk, splits = k_chunks(k, cfg["SPLIT_K"], cfg["BLOCK_K"])
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
+    pdl = use_pdl(x)
     _small_m_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         x, weight, bias if has_bias else x, target, m, n, k, x.stride(0), out.stride(0), k_chunk,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT=dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PARTIAL=splits > 1, HAS_BIAS=has_bias,
-        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        STAGES=cfg["num_stages"], ONE_STEP=k_chunk == cfg["BLOCK_K"], GATED=gated, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:  # small programs: the partials are few bytes, latency is what counts
         block = min(REDUCE_BLOCK, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
             target, bias if has_bias else x, out, m, n, out.stride(0),
             SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK=block, HAS_BIAS=has_bias,
-            num_warps=2)
+            USE_PDL=pdl, launch_pdl=pdl, num_warps=2)
 
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, config: dict | None = None, gated: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] (M <= MAX_M, row stride free, last dim contiguous), weight [N, K]
     contiguous, bias [N]: fp32 accumulation, one rounding to x's dtype; returns [M, N] (into `out` if given, whose
-    row stride is free). `config` overrides the table (benchmarks, tests): a dict with CONFIG_KEYS."""
-    _check(x, weight, bias, out)
-    (m, k), n = x.shape, weight.shape[0]
+    row stride is free). gated: x is [M, 2K] = [gate | up] and the linear reads silu(gate) * up (rounded to x's
+    dtype, as activation.silu_and_mul stores it) without it ever being written. `config` overrides the table
+    (benchmarks, tests): a dict with CONFIG_KEYS."""
+    _check(x, weight, bias, out, gated)
+    m, (n, k) = x.shape[0], weight.shape
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -277,10 +326,13 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
     cfg = get_config(m, n, k, x.device) if config is None else config
     check_config(cfg)
-    _launch(x, weight, bias, out, cfg)
+    _launch(x, weight, bias, out, cfg, gated)
     return out
 
 
-def small_m_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: F.linear in fp32 on the same inputs, rounded once to x's dtype."""
+def small_m_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         gated: bool = False) -> torch.Tensor:
+    """Reference: F.linear in fp32 on the same inputs (gated: on silu_and_mul_torch(x)), rounded once to x's dtype."""
+    if gated:
+        x = silu_and_mul_torch(x)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)

@@ -1,7 +1,13 @@
-"""Host-side helpers the Triton kernels' launchers share."""
+"""Helpers the Triton kernels' launchers share (host side), and the programmatic-dependent-launch wait (device)."""
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
+
+# NANOVLLM_PDL=0 turns programmatic dependent launch off (read once, at import): for debugging and A/B timings.
+_PDL_ALLOWED = os.environ.get("NANOVLLM_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -9,9 +15,34 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cuda_sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: launch configs ask every call)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels working on `t` launch with programmatic dependent launch (PDL, sm90+): a kernel's programs
+    may be scheduled while the previous kernel in the stream drains, so launch latency overlaps that tail; each
+    such kernel calls `wait_for_previous_kernel` before it reads or writes anything another kernel touches."""
+    return _PDL_ALLOWED and t.is_cuda and _pdl_capable(_index(t.device))
+
+
+@triton.jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """PDL: block until the previous kernel in the stream has finished and its writes are visible, then let the
+    next kernel's programs start launching (they wait the same way). A no-op when USE_PDL is False."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def dot_precision(t: torch.Tensor) -> str:

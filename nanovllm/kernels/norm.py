@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
+
 MAX_HIDDEN = 32768  # one register tile per row
 
 
@@ -19,7 +21,8 @@ def _rms_norm_kernel(x_ptr,    # [N, D], row stride stride_x
                      w_ptr,    # [D]
                      out_ptr,  # [N, D] contiguous
                      stride_x, stride_r, dim, eps,
-                     BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr):
+                     BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < dim
@@ -67,9 +70,10 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return out
     block = triton.next_power_of_2(dim)
     res = residual if residual is not None else x
+    pdl = use_pdl(x)
     _rms_norm_kernel[(num_rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), dim, eps,
-        BLOCK_D=block, HAS_RES=residual is not None,
+        BLOCK_D=block, HAS_RES=residual is not None, USE_PDL=pdl, launch_pdl=pdl,
         num_warps=1 if x.device.type == "cpu" else min(16, max(1, block // 256)))
     return out
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
 from nanovllm.kernels.norm import rms_norm_torch
 from nanovllm.kernels.torch_attention import check_kv_scales, store_kvcache_torch
 from nanovllm.kernels.triton_attention import _check_cache_layout, _fp8_encode, _fp8_scale, _kernel_cache_args
@@ -72,8 +73,9 @@ def _qk_norm_rope_store_kernel(
         stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr):
+        Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
+    wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, HALF_P2)
     c_ok = offs_c < HALF
@@ -155,6 +157,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     if num_tokens == 0:
         return q
     k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
+    pdl = use_pdl(q)
     _qk_norm_rope_store_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_dst, v_dst, k_scale, v_scale, slot_mapping,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else q, eps,
@@ -163,7 +166,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
         HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
-        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8,
+        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
         num_warps=1 if q.device.type == "cpu" else 4)
     return q
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import cuda_sm_count
+from nanovllm.kernels.launch import cuda_sm_count, use_pdl, wait_for_previous_kernel
 from nanovllm.layers.sampling_rng import seeded_uniform
 
 GREEDY_EPS = 1e-5
@@ -48,6 +48,13 @@ def _mix32(x):
 def _value_hash(value):
     """The key-independent half of sampling_rng.combine: mix32(value * GOLDEN ^ 0x5BD1E995)."""
     return _mix32((value * 0x9E3779B9) ^ 0x5BD1E995)
+
+
+@triton.jit
+def _cell_bits(keys, column_hash):
+    """sampling_rng.cell_bits: the per-logit mix of a row key and a column hash."""
+    x = (keys ^ column_hash) * 0x7FEB352D
+    return (x ^ (x >> 15)) * 0x846CA68B
 
 
 @triton.jit
@@ -111,8 +118,9 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
                            out_ptr,      # [B] int64 (written only when DIRECT)
                            num_rows, vocab, stride_b,
                            TILES,  # tiles per program: a runtime value, so batch sizes share one compiled kernel
-                           ROWS: tl.constexpr, TILE_V: tl.constexpr,
-                           DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr):
+                           ROWS: tl.constexpr, TILE_V: tl.constexpr, STAGES: tl.constexpr,
+                           DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -129,18 +137,18 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
     cols0 = chunk * (TILES * TILE_V) + tl.arange(0, TILE_V)
     best_val = tl.full([ROWS, TILE_V], float("-inf"), tl.float32)
     best_idx = tl.broadcast_to(cols0[None, :], [ROWS, TILE_V])  # all -inf: each lane's lowest index wins
-    if any_sampled:
-        for t in tl.range(0, TILES):
+    if any_sampled:  # STAGES > 1: the next tiles' logits load (cp.async) while this one's noise is computed
+        for t in tl.range(0, TILES, num_stages=STAGES):
             cols = cols0 + t * TILE_V
             mask = row_ok[:, None] & (cols < vocab)[None, :]
             x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
             # Noise: column half of the hash once per tile, row half per element.
-            bits = _mix32(keys[:, None] ^ _value_hash(cols.to(tl.uint32))[None, :])
+            bits = _cell_bits(keys[:, None], _value_hash(cols.to(tl.uint32))[None, :])
             noise = _log2(_neg_log2_uniform(_uniform(bits), APPROX_LOG), APPROX_LOG)
             score = tl.where(sampled[:, None], x * coef[:, None] - noise, x)
             best_val, best_idx = _best_update(best_val, best_idx, score, cols[None, :])
     else:  # every row of this group is greedy: no noise
-        for t in tl.range(0, TILES):
+        for t in tl.range(0, TILES, num_stages=STAGES):
             cols = cols0 + t * TILE_V
             mask = row_ok[:, None] & (cols < vocab)[None, :]
             x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
@@ -159,7 +167,8 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
 def _gumbel_reduce_kernel(part_val_ptr,  # [B, S] fp32
                           part_idx_ptr,  # [B, S] int32
                           out_ptr,       # [B] int64
-                          num_chunks, CHUNKS_P2: tl.constexpr):
+                          num_chunks, CHUNKS_P2: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, CHUNKS_P2)
     ok = offs < num_chunks
@@ -175,15 +184,17 @@ def _gumbel_reduce_kernel(part_val_ptr,  # [B, S] fp32
 # ----------------------------------------------------------------------------------------------
 
 def sampler_config(batch: int, vocab: int, device: torch.device) -> dict:
-    """rows per program, tile width, tiles per program, warps: depends only on (batch, vocab, device)."""
+    """rows per program, tile width, tiles per program, warps, pipeline stages: depends only on (batch, vocab,
+    device)."""
     rows = min(4, triton.next_power_of_2(max(batch, 1)))
     if device.type != "cuda":  # interpreter: few, wide programs
-        return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1}
+        return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1,
+                "stages": 1}
     tile_v = 1024 if rows <= 2 else 512
     sms = cuda_sm_count(device)
     groups, num_tiles = triton.cdiv(batch, rows), triton.cdiv(vocab, tile_v)
     tiles = max(1, min(64, triton.cdiv(groups * num_tiles, 8 * sms)))  # ~8 programs per SM
-    return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4}
+    return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4, "stages": 2}
 
 
 def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -225,13 +236,15 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         part_val = torch.empty((batch, num_chunks), dtype=torch.float32, device=logits.device)
         part_idx = torch.empty((batch, num_chunks), dtype=torch.int32, device=logits.device)
     approx = logits.device.type == "cuda" and torch.version.hip is None
+    pdl = use_pdl(logits)
     _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
         logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0), cfg["tiles"],
-        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], DIRECT=direct, APPROX_LOG=approx,
-        num_warps=cfg["num_warps"])
+        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], STAGES=cfg.get("stages", 1), DIRECT=direct, APPROX_LOG=approx,
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
     if not direct:
         _gumbel_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks,
-                                        CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=1)
+                                        CHUNKS_P2=triton.next_power_of_2(num_chunks), USE_PDL=pdl, launch_pdl=pdl,
+                                        num_warps=1)
     return out
 
 
@@ -243,7 +256,8 @@ def warmup(vocab: int, max_batch: int, dtype: torch.dtype, device: torch.device)
     for batch in range(1, max_batch + 1):
         cfg = sampler_config(batch, vocab, device)
         num_chunks = triton.cdiv(vocab, cfg["tile_v"] * cfg["tiles"])
-        key = (cfg["rows"], cfg["tile_v"], cfg["num_warps"], num_chunks == 1, triton.next_power_of_2(num_chunks))
+        key = (cfg["rows"], cfg["tile_v"], cfg["num_warps"], cfg["stages"], num_chunks == 1,
+               triton.next_power_of_2(num_chunks))
         keys.setdefault(key, batch)
     for batch in keys.values():
         logits = torch.zeros(batch, vocab, dtype=dtype, device=device)

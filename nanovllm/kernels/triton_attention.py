@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import cuda_sm_count, dot_precision, last_dim_contiguous
+from nanovllm.kernels.launch import cuda_sm_count, dot_precision, last_dim_contiguous, use_pdl, wait_for_previous_kernel
 from nanovllm.kernels.torch_attention import FP8_INV_MAX, FP8_MAX, check_kv_scales, kv_scale_shape
 
 LOG2E = 1.4426950408889634
@@ -155,7 +155,9 @@ def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows /
                           stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
+                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     offs_h = tl.arange(0, HEADS_P2)
@@ -192,12 +194,14 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         return
     key, value = last_dim_contiguous(key), last_dim_contiguous(value)
     k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
+    pdl = use_pdl(key)
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_dst, v_dst, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
 
 def _kernel_cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
@@ -374,7 +378,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                    KV_DTYPE: tl.constexpr):
+                    KV_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -440,7 +445,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
 @triton.jit
 def _decode_merge_kernel(out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, stride_ob, stride_oh,
                          max_splits, min_split_tiles,
-                         HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, TILE_N: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, TILE_N: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_splits, _ = _split_plan(tl.load(ctx_ptr + b), max_splits, min_split_tiles, TILE_N)
@@ -506,6 +513,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_o = part_lse = out  # never written: every row takes the direct path
     block_size = k_cache.shape[1]
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
+    pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, max_splits)](
         q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, k_scale, v_scale,
         softmax_scale * LOG2E,
@@ -516,13 +524,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
         NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        num_warps=cfg["num_warps"])
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
             max_splits, cfg["min_split_tiles"],
             HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(max_splits), TILE_N=cfg["tile_n"],
-            num_warps=4)
+            USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 

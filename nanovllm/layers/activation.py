@@ -5,9 +5,13 @@ from torch import nn
 from nanovllm.kernels import activation
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 2I] -> [N, I]."""
+    if x.is_cuda:
+        return activation.silu_and_mul(x)
+    return activation.silu_and_mul_torch(x)
+
+
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, 2I] -> [N, I]."""
-        if x.is_cuda:
-            return activation.silu_and_mul(x)
-        return activation.silu_and_mul_torch(x)
+        return silu_and_mul(x)

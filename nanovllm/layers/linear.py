@@ -9,13 +9,17 @@ from torch import nn
 
 from nanovllm.distributed.tp import SINGLE, TPInfo
 from nanovllm.kernels import gemv
+from nanovllm.layers.activation import silu_and_mul
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; decode-sized inputs (x [M <= 16, K], bf16/fp16 on a GPU) take the weight-streaming Triton GEMV."""
-    if gemv.supports(x, weight):
-        return gemv.small_m_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gated: bool = False) -> torch.Tensor:
+    """F.linear; decode-sized inputs (x [M <= 16, K], bf16/fp16 on a GPU) take the weight-streaming Triton GEMV.
+    gated: x is [M, 2K] = [gate | up] and the layer's input is silu(gate) * up; the GEMV computes it as it reads x
+    (one kernel less per MLP), other sizes run silu_and_mul first."""
+    if gemv.supports(x, weight, gated):
+        return gemv.small_m_linear(x, weight, bias, gated=gated)
+    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
 def check_shape(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -107,6 +111,7 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TPInfo = SINGLE) -> None:
         super().__init__(divide(input_size, tp, "input size"), output_size, bias, tp, tp_dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if self.tp.is_first else None)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x [N, input_size / tp] ([N, 2 * input_size / tp] = [gate | up] when gated: see `linear`)."""
+        y = linear(x, self.weight, self.bias if self.tp.is_first else None, gated)
         return self.tp.all_reduce(y)

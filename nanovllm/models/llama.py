@@ -5,7 +5,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.distributed.tp import TPInfo
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention, AttentionBackend
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -51,10 +50,10 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {hidden_act!r} is not supported (only 'silu')")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, tp=tp)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        """down(silu(gate) * up); the activation is applied by the down projection (gated), fused at decode sizes."""
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class LlamaDecoderLayer(nn.Module):
