@@ -1,7 +1,8 @@
-"""AsyncLLM (issue 18): the engine on a background thread behind an asyncio API. Streamed outputs add up to
-LLM.generate's, concurrent requests share batches, abort (explicit or by leaving the loop) frees the blocks, bad
-requests raise at once without disturbing the engine, a failed step fails only its requests, and with TP=2 a
-killed worker makes every call raise EngineDeadError. Tiny random Qwen3 on CPU, float32."""
+"""AsyncLLM (issue 18): the engine loop on a background thread, or in a process of its own (engine_process=True),
+behind an asyncio API; every behaviour below is checked in both. Streamed outputs add up to LLM.generate's,
+concurrent requests share batches, abort (explicit or by leaving the loop) frees the blocks, bad requests raise at
+once without disturbing the engine, a failed step fails only its requests, and with TP=2 a killed worker makes every
+call raise EngineDeadError. Tiny random Qwen3 on CPU, float32."""
 import asyncio
 import time
 from contextlib import aclosing
@@ -29,10 +30,33 @@ def expected(tiny_model) -> list[dict]:
         return [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(PROMPTS, PARAMS, strict=True)]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    with AsyncLLM(tiny_model, **CPU) as engine:
+MODES = {"thread": False, "process": True}  # engine_process
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def llm(tiny_model, request):
+    with AsyncLLM(tiny_model, engine_process=MODES[request.param], **CPU) as engine:
         yield engine
+
+
+def core_alive(engine: AsyncLLM) -> bool:
+    core = engine._core
+    return core.process.is_alive() if MODES["process"] and hasattr(core, "process") else core.thread.is_alive()
+
+
+def fail_next_step(engine) -> None:
+    """(Runs on the engine's thread, in whichever process.) The next step's model run raises."""
+    runner = engine.model_runner
+    original = runner.run
+
+    def run_once(step):
+        runner.run = original
+        raise RuntimeError("injected step failure")
+    runner.run = run_once
+
+
+def kill_first_worker(engine) -> None:
+    engine.model_runner.workers.processes[0].kill()
 
 
 async def collect(llm: AsyncLLM, prompt, sp: SamplingParams, request_id: str | None = None) -> dict[int, dict]:
@@ -157,15 +181,6 @@ def test_duplicate_request_id_is_refused(llm):
 
 def test_a_failed_step_fails_only_its_requests(llm):
     """The model raising in one step: that step's request gets RequestsFailedError, the engine serves on."""
-    def fail_next_step(engine) -> None:
-        runner = engine.model_runner
-        original = runner.run
-
-        def run_once(step):
-            runner.run = original
-            raise RuntimeError("injected step failure")
-        runner.run = run_once
-
     async def main():
         await llm.run_on_engine(fail_next_step)
         with pytest.raises(RequestsFailedError, match="injected step failure"):
@@ -176,13 +191,15 @@ def test_a_failed_step_fails_only_its_requests(llm):
     assert len(run(main())[0]["token_ids"]) == 4
 
 
-def test_unknown_engine_argument_raises_from_the_constructor(tiny_model):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unknown_engine_argument_raises_from_the_constructor(tiny_model, mode):
     with pytest.raises(ValueError, match="unknown engine argument"):
-        AsyncLLM(tiny_model, bogus=1)
+        AsyncLLM(tiny_model, engine_process=MODES[mode], bogus=1)
 
 
-def test_shutdown_fails_requests_in_flight(tiny_model):
-    engine = AsyncLLM(tiny_model, **CPU)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_shutdown_fails_requests_in_flight(tiny_model, mode):
+    engine = AsyncLLM(tiny_model, engine_process=MODES[mode], **CPU)
 
     async def main():
         stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
@@ -195,14 +212,15 @@ def test_shutdown_fails_requests_in_flight(tiny_model):
             await engine.generate("hello").__anext__()
 
     run(main())
-    assert not engine._core.thread.is_alive()
+    assert not core_alive(engine)
     engine.shutdown()  # idempotent
 
 
-def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected, mode):
     """TP=2 (gloo): the same outputs as TP=1; after a worker is killed, the request in flight and every later
     call raise EngineDeadError and is_dead turns True."""
-    engine = AsyncLLM(tiny_model, tensor_parallel_size=2, **CPU)
+    engine = AsyncLLM(tiny_model, tensor_parallel_size=2, engine_process=MODES[mode], **CPU)
     try:
         async def main():
             got = await collect(engine, PROMPTS[0], PARAMS[0])
@@ -210,7 +228,7 @@ def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected):
             await engine.check_health()
             stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
             await stream.__anext__()
-            await engine.run_on_engine(lambda e: e.model_runner.workers.processes[0].kill())
+            await engine.run_on_engine(kill_first_worker)
             with pytest.raises(EngineDeadError):
                 async for _ in stream:
                     pass
@@ -243,3 +261,47 @@ def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager):
     with AsyncLLM(tiny_model, **kwargs) as engine:
         got = asyncio.run(all_streams(engine))  # gather needs a running loop (Python >= 3.12)
     assert [g[0]["token_ids"] for g in got] == want
+
+
+def test_engine_process_refuses_unpicklable_functions_and_serves_on(tiny_model):
+    """engine_process=True: run_on_engine with a lambda raises TypeError naming the fix; the engine serves on."""
+    with AsyncLLM(tiny_model, engine_process=True, **CPU) as engine:
+        async def main():
+            with pytest.raises(TypeError, match="picklable"):
+                await engine.run_on_engine(lambda e: 1)
+            return await collect(engine, "hello", SamplingParams(temperature=0, max_tokens=3))
+
+        assert len(run(main())[0]["token_ids"]) == 3
+        assert engine._core.process.daemon is False  # it starts tensor-parallel workers of its own
+
+
+KILLED_PARENT = """
+import os, sys
+from nanovllm import AsyncLLM
+engine = AsyncLLM(sys.argv[1], engine_process=True, device="cpu", dtype="float32", kvcache_block_size=16,
+                  max_model_len=256, num_kvcache_blocks=64)
+print(engine._core.process.pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_engine_process_exits_when_its_parent_is_killed(tiny_model):
+    """The engine process sees the end of its pipe when the parent dies (SIGKILL: no cleanup ran) and exits."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", KILLED_PARENT, tiny_model], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == -9, out.stderr[-2000:]
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + DEADLINE_S
+    while not exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert exited(pid), f"the engine process {pid} outlived its parent"

@@ -363,7 +363,13 @@ def test_non_stream_disconnect_aborts(server):
 
 # -- a dead engine ------------------------------------------------------------------------------------------------
 def worker_pids(pid: int) -> list[int]:
-    """The server's tensor-parallel workers: its children started by multiprocessing's spawn."""
+    """The server's tensor-parallel workers: the children its engine process (the server's one spawned child)
+    started by multiprocessing's spawn."""
+    (engine,) = spawned_children(pid)
+    return spawned_children(engine)
+
+
+def spawned_children(pid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         try:

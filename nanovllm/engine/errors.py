@@ -15,6 +15,9 @@ class RequestsFailedError(RuntimeError):
         super().__init__(message)
         self.request_ids = request_ids
 
+    def __reduce__(self) -> tuple:  # picklable (AsyncLLM's engine process sends it to the parent)
+        return type(self), (str(self), self.request_ids)
+
 
 class CheckpointError(ValueError):
     """The checkpoint's weights cannot be loaded: a safetensors file is unreadable (corrupt or truncated), a tensor

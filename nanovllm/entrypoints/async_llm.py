@@ -28,8 +28,6 @@ from nanovllm.engine.output_processor import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 IDLE_CHECK_S = 1.0  # an idle engine loop checks the workers (and whether the main thread ended) this often
-STOP = object()     # command: leave the loop, exit the engine
-ABORTED = object()  # posted to a request's stream when it was aborted
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -64,29 +62,47 @@ class RequestStream:
         return items
 
 
-# -- commands (event loop -> engine thread) -----------------------------------------------------------------------
+# -- commands (event loop -> engine loop) and what the loop posts back ---------------------------------------------
+# A request's `stream` and a command's `reply` are handles the loop only passes back to its post / settle functions:
+# the RequestStream and asyncio.Future themselves in a thread, integer keys across a process boundary.
 @dataclass
 class AddRequest:
-    stream: RequestStream
+    stream: Any
     token_ids: list[int]
     params: SamplingParams
 
 
 @dataclass
 class AbortRequest:
-    stream: RequestStream
-    reply: asyncio.Future | None = None  # gets True when the request was running and is now aborted
+    stream: Any
+    reply: Any = None  # gets True when the request was running and is now aborted
 
 
 @dataclass
 class CallEngine:
     fn: Callable[[LLMEngine], Any]
-    reply: asyncio.Future
+    reply: Any
+    on_loop: bool = False  # fn takes the EngineLoop (its counters and its engine) instead of the engine
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Leave the loop after the current step, fail what is in flight, exit the engine."""
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """Posted to a request's stream when it was aborted."""
+
+
+STOP, ABORTED = Stop(), Aborted()
+Post = Callable[[list[tuple[Any, Any]]], None]   # [(stream handle, RequestOutput | Aborted | exception)]
+Settle = Callable[[Any, Any, BaseException | None], None]  # (reply handle, result, error)
 
 
 @dataclass
 class Running:
-    stream: RequestStream
+    stream: Any
     unfinished: int  # samples not finished yet
 
 
@@ -137,6 +153,10 @@ def engine_stats(engine: LLMEngine) -> dict[str, int]:
             "kv_cache_total_blocks": len(blocks.blocks), "num_preemptions": scheduler.num_preemptions}
 
 
+def loop_stats(loop: "EngineLoop") -> dict[str, int]:
+    return {**engine_stats(loop.engine), "num_steps": loop.num_steps, "num_requests_aborted": loop.num_aborted}
+
+
 def as_dead(error: BaseException) -> EngineDeadError:
     """The EngineDeadError behind error, or one saying the engine loop itself failed (a bug)."""
     if isinstance(error, EngineDeadError):
@@ -150,9 +170,11 @@ def as_dead(error: BaseException) -> EngineDeadError:
 
 
 class EngineLoop:
-    """The engine thread: owns the engine, runs commands between steps, posts every step's outputs."""
+    """The engine thread: owns the engine, runs commands between steps, posts every step's outputs (through `post`,
+    one call per step) and command results (through `settle`)."""
 
-    def __init__(self, model: str, kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: str, kwargs: dict[str, Any], post: Post = post, settle: Settle = settle) -> None:
+        self.post, self.settle = post, settle
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: deque = deque()  # commands taken from the queue, not run yet
         self.lock = threading.Lock()   # guards closed: no command is queued after close() drained the queue
@@ -161,7 +183,7 @@ class EngineLoop:
         self.engine: LLMEngine | None = None
         self.startup_error: BaseException | None = None
         self.requests: dict[int, Running] = {}           # by engine request id
-        self.engine_ids: dict[RequestStream, int] = {}
+        self.engine_ids: dict[Any, int] = {}  # by stream handle
         self.num_steps = 0
         self.num_aborted = 0
         self.started = threading.Event()
@@ -180,6 +202,14 @@ class EngineLoop:
         if self.dead is not None:
             return EngineDeadError(str(self.dead))
         return RuntimeError("this AsyncLLM was shut down; create a new one")
+
+    @property
+    def config(self):  # noqa: ANN201 (nanovllm.config.Config)
+        return self.engine.config
+
+    @property
+    def num_kvcache_blocks(self) -> int:
+        return self.engine.inputs.num_kvcache_blocks
 
     def stop(self) -> None:
         """Leave the loop after the current step, fail what is in flight, exit the engine; wait for all that."""
@@ -213,7 +243,7 @@ class EngineLoop:
             woke = self.take_commands(block=engine.is_finished())
             while self.pending:
                 command = self.pending.popleft()
-                if command is STOP:
+                if isinstance(command, Stop):
                     return
                 self.handle(command)
             if not threading.main_thread().is_alive():  # the program is exiting without shutdown()
@@ -241,7 +271,7 @@ class EngineLoop:
         elif isinstance(command, AbortRequest):
             aborted = self.abort(command.stream)
             if command.reply is not None:
-                settle(command.reply, aborted)
+                self.settle(command.reply, aborted, None)
         else:
             self.call(command)
 
@@ -249,32 +279,32 @@ class EngineLoop:
         try:
             request_id = self.engine.add_request(command.token_ids, command.params, stream=True)
         except Exception as e:
-            post([(command.stream, e)])
+            self.post([(command.stream, e)])
             if isinstance(e, EngineDeadError):
                 raise
             return
         self.requests[request_id] = Running(command.stream, command.params.n)
         self.engine_ids[command.stream] = request_id
 
-    def abort(self, stream: RequestStream) -> bool:
+    def abort(self, stream: Any) -> bool:
         request_id = self.engine_ids.get(stream)
         if request_id is None:  # finished, failed or never added
             return False
         self.engine.abort_request(request_id)
         del self.engine_ids[stream], self.requests[request_id]
         self.num_aborted += 1
-        post([(stream, ABORTED)])
+        self.post([(stream, ABORTED)])
         return True
 
     def call(self, command: CallEngine) -> None:
         try:
-            result = command.fn(self.engine)
+            result = command.fn(self if command.on_loop else self.engine)
         except Exception as e:
-            settle(command.reply, error=e)
+            self.settle(command.reply, None, e)
             if isinstance(e, EngineDeadError):
                 raise
             return
-        settle(command.reply, result)
+        self.settle(command.reply, result, None)
 
     def step(self) -> None:
         self.num_steps += 1
@@ -295,7 +325,7 @@ class EngineLoop:
                 if running.unfinished == 0:
                     del self.requests[out.request_id], self.engine_ids[running.stream]
             posts.append((running.stream, out))
-        post(posts)
+        self.post(posts)
 
     def fail(self, request_ids: list[int], error: Exception) -> None:
         posts = []
@@ -304,7 +334,7 @@ class EngineLoop:
             if running is not None:
                 del self.engine_ids[running.stream]
                 posts.append((running.stream, error))
-        post(posts)
+        self.post(posts)
 
     def close(self) -> None:
         """Fail every request in flight and every command not run, then exit the engine."""
@@ -319,11 +349,11 @@ class EngineLoop:
             if isinstance(command, AddRequest):
                 posts.append((command.stream, error))
             elif isinstance(command, AbortRequest) and command.reply is not None:
-                settle(command.reply, False)
+                self.settle(command.reply, False, None)
             elif isinstance(command, CallEngine):
-                settle(command.reply, error=error)
+                self.settle(command.reply, None, error)
         self.pending.clear()
-        post(posts)
+        self.post(posts)
         self.engine.exit()
 
 
@@ -347,17 +377,25 @@ class AsyncLLM:
     """The engine behind an asyncio API: `async for out in llm.generate(prompt, params)` streams one request's
     outputs while any number of others run in the same batches. Takes LLM's arguments (tensor parallelism
     included); the constructor blocks while the engine starts and raises what LLM would. Call shutdown() when done
-    (or use `with AsyncLLM(...) as llm:`)."""
+    (or use `with AsyncLLM(...) as llm:`).
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
-        self._core = EngineLoop(model, kwargs)
+    engine_process=False (default): the engine loop is a thread of this process (run_on_engine takes any callable).
+    engine_process=True: it runs in a process of its own (entrypoints/engine_process.py), so the caller's Python work
+    (an HTTP server formatting thousands of stream chunks a second) never competes with the step loop for the GIL;
+    commands and outputs cross a pipe, and run_on_engine needs a picklable function. `nanovllm serve` uses it."""
+
+    def __init__(self, model: str, engine_process: bool = False, **kwargs: Any) -> None:
+        if engine_process:
+            from nanovllm.entrypoints.engine_process import EngineProcess
+            self._core = EngineProcess(model, kwargs)
+        else:
+            self._core = EngineLoop(model, kwargs)
         if self._core.startup_error is not None:
-            self._core.thread.join()
+            self._core.stop()
             raise self._core.startup_error
-        engine = self._core.engine
-        self.config = engine.config
+        self.config = self._core.config
         self.tokenizer = load_tokenizer(self.config.model)  # the caller thread's own (the engine's stays there)
-        self._inputs = InputProcessor(self.config, self.tokenizer, engine.inputs.num_kvcache_blocks)
+        self._inputs = InputProcessor(self.config, self.tokenizer, self._core.num_kvcache_blocks)
         self._streams: dict[str, RequestStream] = {}
         self._shutdown = weakref.finalize(self, self._core.stop)
 
@@ -412,7 +450,7 @@ class AsyncLLM:
                         outputs.append(item)
                         if item.finished:
                             unfinished.discard(item.index)
-                    elif item is ABORTED:
+                    elif isinstance(item, Aborted):
                         outputs += [RequestOutput(0, i, [], "", None, True, "abort", len(token_ids), 0)
                                     for i in sorted(unfinished)]
                         unfinished.clear()
@@ -448,10 +486,11 @@ class AsyncLLM:
         return await reply
 
     # -- the engine -------------------------------------------------------------------------------------------------
-    async def run_on_engine(self, fn: Callable[[LLMEngine], T]) -> T:
-        """fn(engine) on the engine thread, between steps (for tools and tests: inspect or instrument the engine)."""
+    async def run_on_engine(self, fn: Callable[[LLMEngine], T], on_loop: bool = False) -> T:
+        """fn(engine) on the engine thread, between steps (for tools and tests: inspect or instrument the engine);
+        on_loop: fn(the EngineLoop). With engine_process=True, fn and its result must be picklable."""
         reply = asyncio.get_running_loop().create_future()
-        self._core.send(CallEngine(fn, reply))
+        self._core.send(CallEngine(fn, reply, on_loop))
         return await reply
 
     async def check_health(self) -> None:
@@ -460,6 +499,4 @@ class AsyncLLM:
 
     async def stats(self) -> dict[str, int]:
         """Scheduler and KV-cache counts, engine steps and aborted requests so far."""
-        core = self._core
-        return await self.run_on_engine(lambda engine: {**engine_stats(engine), "num_steps": core.num_steps,
-                                                        "num_requests_aborted": core.num_aborted})
+        return await self.run_on_engine(loop_stats, on_loop=True)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model name clients send and /v1/models lists (default: MODEL_DIR as given)")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     serve.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the engine loop in a process of its own, away from the HTTP server's GIL "
+                       "(default: %(default)s; --no-engine-process keeps it in a thread of the server)")
     add_engine_args(serve)
     return parser
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level = args.pop("uvicorn_log_level")
         run_server(args.pop("model"), host=args.pop("host"), port=args.pop("port"),
                    served_model_name=args.pop("served_model_name"), api_key=args.pop("api_key"),
-                   log_level=log_level, **args)
+                   log_level=log_level, engine_process=args.pop("engine_process"), **args)
 
 
 if __name__ == "__main__":

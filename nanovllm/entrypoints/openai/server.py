@@ -477,9 +477,11 @@ def exit_on_signal(signum: int, frame: Any) -> None:
 
 
 def run_server(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-               api_key: str | None = None, log_level: str = "info", **engine_kwargs: Any) -> None:
+               api_key: str | None = None, log_level: str = "info", engine_process: bool = True,
+               **engine_kwargs: Any) -> None:
     """Start the engine, then serve it until Ctrl-C or SIGTERM (requests in flight get GRACEFUL_SHUTDOWN_S to
-    finish); the engine exits afterwards."""
+    finish); the engine exits afterwards. engine_process: the engine loop runs in a process of its own (AsyncLLM's
+    engine_process), so formatting and writing stream chunks here never slows its steps."""
     import uvicorn
 
     # The engine thread and the event loop share the GIL; the engine must get it back promptly once the GPU step it
@@ -488,7 +490,7 @@ def run_server(model: str, host: str = "127.0.0.1", port: int = 8000, served_mod
     # uvicorn re-raises the signal that stopped it once it is done: SIGTERM must then unwind (and exit the engine)
     # rather than kill the process.
     signal.signal(signal.SIGTERM, exit_on_signal)
-    llm = AsyncLLM(model, **engine_kwargs)
+    llm = AsyncLLM(model, engine_process=engine_process, **engine_kwargs)
     try:
         app = build_app(llm, served_model_name or model, api_key)
         uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off",
