@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.9,
                         help="saturating-rate throughput / offline throughput to pass (default: %(default)s)")
     parser.add_argument("--skip-offline", action="store_true", help="no bench.py run (no ratio, no pass/fail)")
+    parser.add_argument("--no-engine-process", action="store_true",
+                        help="serve with the engine loop in a thread of the server (default: its own process)")
     args = parser.parse_args(argv)
     try:
         args.rates = [math.inf if r == "inf" else float(r) for r in args.rates]
@@ -125,6 +127,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanovllm", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", SERVED_NAME, "--uvicorn-log-level", "warning"] + engine_flags(args)
+        if args.no_engine_process:
+            cmd.append("--no-engine-process")
         print("server:", " ".join(cmd), file=sys.stderr)
         self.log_path = os.path.join(args.out, "server.log")
         self.log = open(self.log_path, "w")

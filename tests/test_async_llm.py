@@ -246,9 +246,10 @@ def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected, mode)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager, mode):
     """On CUDA the engine (torch.compile, CUDA graphs, Triton kernels) is built and stepped on AsyncLLM's
-    thread: 32 concurrent greedy streams equal LLM.generate's outputs."""
+    thread (in this process or its engine process): 32 concurrent greedy streams equal LLM.generate's outputs."""
     prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 3 * i)] for i in range(32)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     kwargs = dict(kvcache_block_size=16, max_model_len=256, num_kvcache_blocks=256, attention_backend="triton",
@@ -258,7 +259,7 @@ def test_cuda_engine_on_its_thread_equals_generate(tiny_model, enforce_eager):
     async def all_streams(engine: AsyncLLM) -> list:
         return await asyncio.wait_for(asyncio.gather(*(collect(engine, p, sp) for p in prompts)), 120)
 
-    with AsyncLLM(tiny_model, **kwargs) as engine:
+    with AsyncLLM(tiny_model, engine_process=MODES[mode], **kwargs) as engine:
         got = asyncio.run(all_streams(engine))  # gather needs a running loop (Python >= 3.12)
     assert [g[0]["token_ids"] for g in got] == want
 
