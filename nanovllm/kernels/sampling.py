@@ -7,9 +7,8 @@ lowest index. This is the exponential trick of layers/sampler.py (argmax of soft
 with Exp = -log(u)) written in the log domain, so the same seeds sample the same tokens up to float rounding.
 
 Kernel layout: grid (row groups, vocabulary chunks). A program takes ROWS rows x one chunk, walks the chunk in
-tiles (unmasked but for the vocabulary's last), and keeps a per-lane running (best score, its index); the column
-half of the hash is computed once per tile and shared by its rows. A row's score is T * (x / T + noise) up to a
-per-row constant, i.e. x - T ln2 * log2(-log2(u)): one multiply-add per logit, and x itself for greedy rows. A second tiny kernel reduces the per-chunk winners of each row (skipped when the
+tiles, and keeps a per-lane running (best score, its index); the column half of the hash is computed once per
+tile and shared by its rows. A second tiny kernel reduces the per-chunk winners of each row (skipped when the
 vocabulary fits one chunk). The grid depends only on (B, V): no host syncs, CUDA-graph safe.
 
 Float notes (GPU): the noise is computed in the log2 domain (argmax unchanged) with the hardware lg2.approx;
@@ -27,7 +26,6 @@ from nanovllm.layers.sampling_rng import seeded_uniform
 
 GREEDY_EPS = 1e-5
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _GREEDY_EPS: tl.constexpr = tl.constexpr(GREEDY_EPS)
 _INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 
@@ -111,29 +109,6 @@ def _row_argmax(best_val, best_idx):
 
 
 @triton.jit
-def _scan_tiles(best_val, best_idx, row_base, keys, noise_scale, cols0, t_lo, t_hi, vocab,
-                TILE_V: tl.constexpr, STAGES: tl.constexpr, MASKED: tl.constexpr, NOISE: tl.constexpr,
-                APPROX_LOG: tl.constexpr):
-    """Fold tiles t_lo..t_hi-1 of the chunk into the per-lane running argmax of x - noise_scale * noise.
-    MASKED: the tile may run past the vocabulary (only the last one can); full tiles load without a mask."""
-    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
-        cols = cols0 + t * TILE_V
-        if MASKED:
-            x = tl.load(row_base + cols[None, :], mask=(cols < vocab)[None, :], other=float("-inf"))
-        else:
-            x = tl.load(row_base + cols[None, :])
-        score = x.to(tl.float32)
-        if NOISE:
-            # Column half of the hash once per tile, row half per element; log2(-log2(u)) is log2(E) + a constant
-            # for E = -ln(u) ~ Exp(1), so x / T + Gumbel = (x - T ln2 * noise) / T + const: same argmax per row.
-            bits = _cell_bits(keys[:, None], _value_hash(cols.to(tl.uint32))[None, :])
-            noise = _log2(_neg_log2_uniform(_uniform(bits), APPROX_LOG), APPROX_LOG)
-            score = score - noise_scale[:, None] * noise
-        best_val, best_idx = _best_update(best_val, best_idx, score, cols[None, :])
-    return best_val, best_idx
-
-
-@triton.jit
 def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim contiguous
                            temp_ptr,     # [B] fp32
                            seed_ptr,     # [B] int64
@@ -151,33 +126,33 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
 
-    # 1. Row parameters. Each row maximises x - noise_scale * log2(-log2(u)): noise_scale = T ln2 for sampled rows
-    #    (x / T + Gumbel noise, scaled by T > 0), 0 for greedy rows (the plain argmax).
+    # Row parameters: greedy rows score the raw logits, sampled ones x * log2(e) / T - log2(-log2(u)).
     temp = tl.load(temp_ptr + rows, mask=row_ok, other=0.0)
     sampled = temp >= _GREEDY_EPS
-    noise_scale = tl.where(sampled, temp * LN2, 0.0)
+    coef = tl.where(sampled, LOG2E / tl.where(sampled, temp, 1.0), 1.0)
     keys = _row_keys(tl.load(seed_ptr + rows, mask=row_ok, other=0), tl.load(pos_ptr + rows, mask=row_ok, other=0))
     any_sampled = tl.max(sampled.to(tl.int32), 0) > 0
 
-    # 2. Scan this chunk's tiles: the full ones without masks (rows past the batch re-read the last row; their
-    #    results are never stored), then the one tile that may run past the vocabulary.
-    row_base = logits_ptr + tl.minimum(rows, num_rows - 1).to(tl.int64)[:, None] * stride_b
-    chunk_start = chunk * (TILES * TILE_V)
-    cols0 = chunk_start + tl.arange(0, TILE_V)
-    num_tiles = tl.minimum(tl.cdiv(vocab - chunk_start, TILE_V), TILES)
-    full_tiles = tl.minimum((vocab - chunk_start) // TILE_V, TILES)
+    row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_b
+    cols0 = chunk * (TILES * TILE_V) + tl.arange(0, TILE_V)
     best_val = tl.full([ROWS, TILE_V], float("-inf"), tl.float32)
     best_idx = tl.broadcast_to(cols0[None, :], [ROWS, TILE_V])  # all -inf: each lane's lowest index wins
-    if any_sampled:
-        best_val, best_idx = _scan_tiles(best_val, best_idx, row_base, keys, noise_scale, cols0, 0, full_tiles,
-                                         vocab, TILE_V, STAGES, False, True, APPROX_LOG)
-        best_val, best_idx = _scan_tiles(best_val, best_idx, row_base, keys, noise_scale, cols0, full_tiles,
-                                         num_tiles, vocab, TILE_V, 1, True, True, APPROX_LOG)
+    if any_sampled:  # STAGES > 1: the next tiles' logits load (cp.async) while this one's noise is computed
+        for t in tl.range(0, TILES, num_stages=STAGES):
+            cols = cols0 + t * TILE_V
+            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            # Noise: column half of the hash once per tile, row half per element.
+            bits = _cell_bits(keys[:, None], _value_hash(cols.to(tl.uint32))[None, :])
+            noise = _log2(_neg_log2_uniform(_uniform(bits), APPROX_LOG), APPROX_LOG)
+            score = tl.where(sampled[:, None], x * coef[:, None] - noise, x)
+            best_val, best_idx = _best_update(best_val, best_idx, score, cols[None, :])
     else:  # every row of this group is greedy: no noise
-        best_val, best_idx = _scan_tiles(best_val, best_idx, row_base, keys, noise_scale, cols0, 0, full_tiles,
-                                         vocab, TILE_V, STAGES, False, False, APPROX_LOG)
-        best_val, best_idx = _scan_tiles(best_val, best_idx, row_base, keys, noise_scale, cols0, full_tiles,
-                                         num_tiles, vocab, TILE_V, 1, True, False, APPROX_LOG)
+        for t in tl.range(0, TILES, num_stages=STAGES):
+            cols = cols0 + t * TILE_V
+            mask = row_ok[:, None] & (cols < vocab)[None, :]
+            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            best_val, best_idx = _best_update(best_val, best_idx, x, cols[None, :])
 
     top, idx = _row_argmax(best_val, best_idx)
     if DIRECT:
