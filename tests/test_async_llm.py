@@ -306,3 +306,10 @@ def test_engine_process_exits_when_its_parent_is_killed(tiny_model):
     while not exited(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert exited(pid), f"the engine process {pid} outlived its parent"
+
+
+def test_requests_failed_error_survives_pickling():
+    """RequestsFailedError crosses from the engine process with its message and request ids."""
+    import pickle
+    error = pickle.loads(pickle.dumps(RequestsFailedError("step failed: boom", [3, 5])))
+    assert isinstance(error, RequestsFailedError) and str(error) == "step failed: boom" and error.request_ids == [3, 5]
