@@ -4,6 +4,7 @@ concurrent requests share batches, abort (explicit or by leaving the loop) frees
 once without disturbing the engine, a failed step fails only its requests, and with TP=2 a killed worker makes every
 call raise EngineDeadError. Tiny random Qwen3 on CPU, float32."""
 import asyncio
+import os
 import time
 from contextlib import aclosing
 
@@ -313,3 +314,27 @@ def test_requests_failed_error_survives_pickling():
     import pickle
     error = pickle.loads(pickle.dumps(RequestsFailedError("step failed: boom", [3, 5])))
     assert isinstance(error, RequestsFailedError) and str(error) == "step failed: boom" and error.request_ids == [3, 5]
+
+
+def test_a_killed_engine_process_makes_every_call_raise_engine_dead(tiny_model):
+    """engine_process=True: the engine process killed mid-stream: the stream in flight and every later call raise
+    EngineDeadError naming the exit, and is_dead turns True."""
+    import signal
+    engine = AsyncLLM(tiny_model, engine_process=True, **CPU)
+    try:
+        async def main():
+            stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(engine._core.process.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineDeadError):
+                await engine.check_health()
+            with pytest.raises(EngineDeadError):
+                await engine.generate("hello").__anext__()
+
+        run(main())
+        assert engine.is_dead
+    finally:
+        engine.shutdown()

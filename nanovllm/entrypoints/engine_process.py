@@ -246,11 +246,11 @@ class EngineProcess:
 
     # -- what comes back (the reader thread) ------------------------------------------------------------------------
     def read(self) -> None:
-        closed = Closed(None)
+        closed = None
         while True:
             try:
                 message = self.conn.recv()
-            except (EOFError, OSError):  # the child is gone: it exited or crashed
+            except (EOFError, OSError):  # the child is gone without saying so: it crashed or was killed
                 break
             if isinstance(message, Posts):
                 self.route(message.items)
@@ -263,6 +263,10 @@ class EngineProcess:
             elif isinstance(message, Closed):
                 closed = message
                 break
+        if closed is None:
+            self.process.join(1.0)
+            closed = Closed(EngineDeadError(f"the engine process exited unexpectedly (exit code "
+                                            f"{self.process.exitcode}); create a new AsyncLLM"))
         self.close(closed.dead)
 
     def route(self, items: list[tuple[int, Any]]) -> None:
