@@ -328,8 +328,10 @@ def test_pdl_is_off_for_cpu_tensors_and_by_environment():
     import subprocess
     import sys
 
-    from nanovllm.kernels.launch import use_pdl
+    from nanovllm.kernels.launch import pdl_launch, use_pdl
     assert not use_pdl(torch.zeros(1))
+    assert pdl_launch(False) == {"USE_PDL": False}  # no launch_pdl keyword: Triton < 3.3 rejects it
+    assert pdl_launch(True) == {"USE_PDL": True, "launch_pdl": True}
     code = "import nanovllm.kernels.launch as l; print(l._PDL_ALLOWED)"
     for flag, expected in (("0", "False"), ("1", "True")):
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NANOVLLM_PDL=flag),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import pdl_launch, use_pdl, wait_for_previous_kernel
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -42,7 +42,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(1024, triton.next_power_of_2(inter))
     pdl = use_pdl(x)
     _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        x, out, x.stride(0), inter, BLOCK=block, USE_PDL=pdl, launch_pdl=pdl,
+        x, out, x.stride(0), inter, BLOCK=block, **pdl_launch(pdl),
         num_warps=1 if x.device.type == "cpu" else max(1, min(4, block // 256)))
     return out
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.activation import silu_and_mul_torch
-from nanovllm.kernels.launch import cuda_sm_count, use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import cuda_sm_count, pdl_launch, use_pdl, wait_for_previous_kernel
 
 MAX_M = 16                # rows of x this path takes; larger batches go to F.linear
 FMA_MAX_M = 4             # default: CUDA-core inner product up to this M, tensor cores above
@@ -299,14 +299,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         x, weight, bias if has_bias else x, target, m, n, k, x.stride(0), out.stride(0), k_chunk,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT=dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PARTIAL=splits > 1, HAS_BIAS=has_bias,
-        STAGES=cfg["num_stages"], ONE_STEP=k_chunk == cfg["BLOCK_K"], GATED=gated, USE_PDL=pdl, launch_pdl=pdl,
+        STAGES=cfg["num_stages"], ONE_STEP=k_chunk == cfg["BLOCK_K"], GATED=gated, **pdl_launch(pdl),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:  # small programs: the partials are few bytes, latency is what counts
         block = min(REDUCE_BLOCK, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
             target, bias if has_bias else x, out, m, n, out.stride(0),
             SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK=block, HAS_BIAS=has_bias,
-            USE_PDL=pdl, launch_pdl=pdl, num_warps=2)
+            **pdl_launch(pdl), num_warps=2)
 
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

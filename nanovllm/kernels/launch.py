@@ -8,6 +8,8 @@ import triton.language as tl
 
 # NANOVLLM_PDL=0 turns programmatic dependent launch off (read once, at import): for debugging and A/B timings.
 _PDL_ALLOWED = os.environ.get("NANOVLLM_PDL", "1") != "0"
+# Triton >= 3.3 has the griddepcontrol wrappers and the `launch_pdl` launch option (older ones reject the option).
+_TRITON_HAS_PDL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,7 +35,13 @@ def use_pdl(t: torch.Tensor) -> bool:
     """Whether kernels working on `t` launch with programmatic dependent launch (PDL, sm90+): a kernel's programs
     may be scheduled while the previous kernel in the stream drains, so launch latency overlaps that tail; each
     such kernel calls `wait_for_previous_kernel` before it reads or writes anything another kernel touches."""
-    return _PDL_ALLOWED and t.is_cuda and _pdl_capable(_index(t.device))
+    return _PDL_ALLOWED and _TRITON_HAS_PDL and t.is_cuda and _pdl_capable(_index(t.device))
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """A PDL kernel's launch keywords: its USE_PDL constexpr, and `launch_pdl` only when on (Triton before 3.3 does
+    not know the option)."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import pdl_launch, use_pdl, wait_for_previous_kernel
 
 MAX_HIDDEN = 32768  # one register tile per row
 
@@ -73,7 +73,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     pdl = use_pdl(x)
     _rms_norm_kernel[(num_rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), dim, eps,
-        BLOCK_D=block, HAS_RES=residual is not None, USE_PDL=pdl, launch_pdl=pdl,
+        BLOCK_D=block, HAS_RES=residual is not None, **pdl_launch(pdl),
         num_warps=1 if x.device.type == "cpu" else min(16, max(1, block // 256)))
     return out
 

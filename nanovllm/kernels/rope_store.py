@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import pdl_launch, use_pdl, wait_for_previous_kernel
 from nanovllm.kernels.norm import rms_norm_torch
 from nanovllm.kernels.torch_attention import check_kv_scales, store_kvcache_torch
 from nanovllm.kernels.triton_attention import _check_cache_layout, _fp8_encode, _fp8_scale, _kernel_cache_args
@@ -166,7 +166,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
         HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
-        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
+        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8, **pdl_launch(pdl),
         num_warps=1 if q.device.type == "cpu" else 4)
     return q
 

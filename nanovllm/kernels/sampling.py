@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import cuda_sm_count, use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import cuda_sm_count, pdl_launch, use_pdl, wait_for_previous_kernel
 from nanovllm.layers.sampling_rng import seeded_uniform
 
 GREEDY_EPS = 1e-5
@@ -242,10 +242,10 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
         logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0), cfg["tiles"],
         ROWS=cfg["rows"], TILE_V=cfg["tile_v"], STAGES=cfg.get("stages", 1), DIRECT=direct, APPROX_LOG=approx,
-        USE_PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
+        **pdl_launch(pdl), num_warps=cfg["num_warps"])
     if not direct:
         _gumbel_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks,
-                                        CHUNKS_P2=triton.next_power_of_2(num_chunks), USE_PDL=pdl, launch_pdl=pdl,
+                                        CHUNKS_P2=triton.next_power_of_2(num_chunks), **pdl_launch(pdl),
                                         num_warps=1)
     return out
 

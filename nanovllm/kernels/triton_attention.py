@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch import cuda_sm_count, dot_precision, last_dim_contiguous, use_pdl, wait_for_previous_kernel
+from nanovllm.kernels.launch import (
+    cuda_sm_count,
+    dot_precision,
+    last_dim_contiguous,
+    pdl_launch,
+    use_pdl,
+    wait_for_previous_kernel,
+)
 from nanovllm.kernels.torch_attention import FP8_INV_MAX, FP8_MAX, check_kv_scales, kv_scale_shape
 
 LOG2E = 1.4426950408889634
@@ -200,7 +207,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
+        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, **pdl_launch(pdl),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
 
@@ -524,13 +531,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
         NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        USE_PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
+        **pdl_launch(pdl), num_warps=cfg["num_warps"])
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
             max_splits, cfg["min_split_tiles"],
             HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(max_splits), TILE_N=cfg["tile_n"],
-            USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
+            **pdl_launch(pdl), num_warps=4)
     return out
 
 
