@@ -60,6 +60,20 @@ def kill_first_worker(engine) -> None:
     engine.model_runner.workers.processes[0].kill()
 
 
+async def assert_dead_after(engine: AsyncLLM, kill, match: str | None = None) -> None:
+    """await kill() while a request streams: that stream, a health check and a new request raise EngineDeadError."""
+    stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
+    await stream.__anext__()
+    await kill()
+    with pytest.raises(EngineDeadError, match=match):
+        async for _ in stream:
+            pass
+    with pytest.raises(EngineDeadError):
+        await engine.check_health()
+    with pytest.raises(EngineDeadError):
+        await engine.generate("hello").__anext__()
+
+
 async def collect(llm: AsyncLLM, prompt, sp: SamplingParams, request_id: str | None = None) -> dict[int, dict]:
     """Every sample's concatenated outputs, with how many outputs were finished (only the last may be)."""
     got: dict[int, dict] = {}
@@ -227,16 +241,7 @@ def test_tensor_parallel_outputs_and_a_killed_worker(tiny_model, expected, mode)
             got = await collect(engine, PROMPTS[0], PARAMS[0])
             assert got[0]["token_ids"] == expected[0]["token_ids"]
             await engine.check_health()
-            stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
-            await stream.__anext__()
-            await engine.run_on_engine(kill_first_worker)
-            with pytest.raises(EngineDeadError):
-                async for _ in stream:
-                    pass
-            with pytest.raises(EngineDeadError):
-                await engine.check_health()
-            with pytest.raises(EngineDeadError):
-                await engine.generate("hello").__anext__()
+            await assert_dead_after(engine, lambda: engine.run_on_engine(kill_first_worker))
 
         start = time.monotonic()
         run(main())
@@ -322,17 +327,11 @@ def test_a_killed_engine_process_makes_every_call_raise_engine_dead(tiny_model):
     import signal
     engine = AsyncLLM(tiny_model, engine_process=True, **CPU)
     try:
-        async def main():
-            stream = engine.generate("hello", SamplingParams(max_tokens=200, ignore_eos=True))
-            await stream.__anext__()
+        async def kill() -> None:
             os.kill(engine._core.process.pid, signal.SIGKILL)
-            with pytest.raises(EngineDeadError, match="exited unexpectedly"):
-                async for _ in stream:
-                    pass
-            with pytest.raises(EngineDeadError):
-                await engine.check_health()
-            with pytest.raises(EngineDeadError):
-                await engine.generate("hello").__anext__()
+
+        async def main():
+            await assert_dead_after(engine, kill, match="exited unexpectedly")
 
         run(main())
         assert engine.is_dead
