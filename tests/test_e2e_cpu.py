@@ -77,7 +77,7 @@ class Spy:
 def spy_allocations(llm: LLM) -> Spy:
     """Records (prompt length, completion tokens so far, tokens served from the cache) per admission."""
     return Spy(llm.scheduler.block_manager, "allocate",
-               lambda seq: (seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_computed_tokens))
+               lambda seq, *_: (seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_computed_tokens))
 
 
 def spy_preemptions(llm: LLM) -> Spy:

@@ -108,6 +108,24 @@ def test_first_step_prefills_whole_prompt_then_decodes():
     assert (seq.num_computed_tokens, seq.num_scheduled_tokens) == (20, 1)
 
 
+def test_an_admission_hashes_the_prompt_once(monkeypatch):
+    """Admitting a sequence looks its prefix up once (can_allocate and allocate share the match), and the shared
+    prefix blocks are found."""
+    import nanovllm.scheduler.block_manager as bm
+    scheduler = make_scheduler(16)
+    first = make_seq(prompt(50), max_tokens=2)
+    scheduler.add(first)
+    step(scheduler)
+    hashed = []
+    original = bm.compute_block_hash
+    monkeypatch.setattr(bm, "compute_block_hash", lambda *a: hashed.append(a) or original(*a))
+    second = make_seq(prompt(50) + [7], max_tokens=2)
+    scheduler.add(second)
+    scheduler.schedule()
+    assert len(hashed) == 3  # the 3 full blocks of 51 tokens' first 50, once each
+    assert second.num_computed_tokens == 48 and second.block_table[:3] == first.block_table[:3]
+
+
 def test_prefill_is_scheduled_before_decode():
     """A newly arrived request is prefilled before running sequences decode again."""
     scheduler = make_scheduler(16)

@@ -71,7 +71,7 @@ class BlockManager:
             self.free_block_ids[block_id] = None
 
     # -- prefix cache -----------------------------------------------------------------------------------
-    def _match_prefix(self, seq: Sequence) -> list[int]:
+    def match_prefix(self, seq: Sequence) -> list[int]:
         """Block ids caching the longest run of seq's leading full blocks. The block holding the last
         token is never matched, so at least one token is always computed (#114)."""
         hits, h = [], -1
@@ -99,15 +99,19 @@ class BlockManager:
             seq.num_hashed_blocks = i + 1
 
     # -- sequences --------------------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits_in_use = sum(b in self.used_block_ids for b in self._match_prefix(seq))
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        """Whether seq's blocks fit the free ones now, sharing its cached prefix blocks (`hits`: match_prefix's
+        answer when the caller has it, so an admission hashes the prompt once)."""
+        hits = self.match_prefix(seq) if hits is None else hits
+        hits_in_use = sum(b in self.used_block_ids for b in hits)
         return self.num_free_blocks >= seq.num_blocks - hits_in_use
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its tokens, sharing cached prefix blocks; sets num_computed_tokens."""
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
+        """Give seq blocks for all its tokens, sharing cached prefix blocks (`hits`: match_prefix's answer, taken
+        with nothing changed since); sets num_computed_tokens."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
-        hits = self._match_prefix(seq)
+        hits = self.match_prefix(seq) if hits is None else hits
         for block_id in hits:
             if block_id in self.used_block_ids:
                 self.blocks[block_id].ref_count += 1

@@ -56,9 +56,12 @@ class Scheduler:
                 scheduled.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_pending or not self.block_manager.can_allocate(seq):
-                break  # (a preempted sequence's last sample is still on its way back)
-            self.block_manager.allocate(seq)
+            if seq.num_pending:  # a preempted sequence's last sample is still on its way back
+                break
+            hits = self.block_manager.match_prefix(seq)
+            if not self.block_manager.can_allocate(seq, hits):
+                break
+            self.block_manager.allocate(seq, hits)
             if seq.num_completion_tokens == 0:
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             budget -= self._schedule_tokens(seq, budget)
