@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.testing import make_checkpoint
+from nanovllm.testing.teacher_forced import hf_greedy as hf_greedy_ids
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -40,11 +41,7 @@ def hf_model(path: str) -> Qwen3ForCausalLM:
 
 @lru_cache(maxsize=None)
 def _hf_generate(path: str, prompt: tuple, max_new_tokens: int, eos: int | None) -> tuple:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return tuple(out[0, len(prompt):].tolist())
+    return tuple(hf_greedy_ids(hf_model(path), prompt, max_new_tokens, eos))
 
 
 def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:

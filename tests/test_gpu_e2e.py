@@ -7,17 +7,10 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.testing.random_checkpoint import build_qwen3_0_6b
-from nanovllm.testing.teacher_forced import teacher_forced_gaps
+from nanovllm.testing.teacher_forced import hf_greedy, teacher_forced_gaps
 
 pytestmark = pytest.mark.gpu
 MARGIN = 0.25  # bf16: a greedy token may trail HF's best logit by at most this much
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt], device="cuda")
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def random_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:

@@ -31,6 +31,7 @@ from nanovllm.layers.rotary_embedding import get_rope, rope_parameters_of, rope_
 from nanovllm.models import MODEL_REGISTRY, check_model_config, model_class
 from nanovllm.models.qwen3_moe import Qwen3MoeSparseMoeBlock, is_sparse_layer
 from nanovllm.testing.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint, make_qwen3_moe_checkpoint
+from nanovllm.testing.teacher_forced import hf_greedy as hf_greedy_ids
 from nanovllm.testing.teacher_forced import teacher_forced_gaps
 from nanovllm.utils.loader import load_model
 
@@ -92,11 +93,7 @@ def hf_model(path: str):
 
 @lru_cache(maxsize=None)
 def hf_greedy(path: str, prompt: tuple, max_new_tokens: int = MAX_TOKENS) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return hf_greedy_ids(hf_model(path), prompt, max_new_tokens)
 
 
 def generate_twice(path: str, **kwargs) -> dict:
@@ -374,12 +371,7 @@ def test_gpu_float32_equals_hf(checkpoint, variant, enforce_eager):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     prompts = gpu_prompts(10, (1, 70), 300, seed=1)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    expected = [hf_greedy_ids(hf, p, 24) for p in prompts]
     with LLM(path, kvcache_block_size=16, enforce_eager=enforce_eager, attention_backend="triton",
              max_model_len=256, max_num_batched_tokens=64, max_num_seqs=16) as llm:
         for _ in range(2):  # the second call hits the prefix cache

@@ -19,6 +19,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_builder import build_sampling
 from nanovllm.layers.sampler import Sampler, apply_top_k_top_p, filtered_probs
 from nanovllm.layers.sampling_rng import seed_to_int64, seeded_uniform
+from nanovllm.testing.teacher_forced import hf_greedy as hf_greedy_ids
 from nanovllm.worker.model_runner import sampling_tensors
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
@@ -266,11 +267,7 @@ def hf_model(path: str) -> Qwen3ForCausalLM:
 
 
 def hf_greedy(path: str, prompt: list[int], n: int, eos: list[int] | None = None, min_new: int = 0) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                      eos_token_id=eos, min_new_tokens=min_new or None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return hf_greedy_ids(hf_model(path), prompt, n, eos, min_new or None)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -445,12 +442,7 @@ def test_cuda_end_to_end_greedy_and_seeded(tiny_model, enforce_eager):
     alone and in a batch; stop ids / strings finish with "stop"."""
     hf = Qwen3ForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
     ps = prompts(5, seed=8)
-    want = []
-    for p in ps:
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        want.append(out[0, len(p):].tolist())
+    want = [hf_greedy_ids(hf, p, 12) for p in ps]
     with LLM(tiny_model, kvcache_block_size=16, max_model_len=256, device="cuda", attention_backend="triton",
              enforce_eager=enforce_eager) as engine:
         greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.testing.teacher_forced import hf_greedy as hf_greedy_ids
 from nanovllm.testing.teacher_forced import teacher_forced_gaps
 
 QUESTIONS = ["What does `os.path.join(a, *p)` do?", "What does `json.dumps(obj)` do?",
@@ -47,11 +48,8 @@ def test_greedy_equals_hf_and_stops_at_its_eos(llm, hf, tok, prompts):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     for prompt, out in zip(prompts, outs, strict=True):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                               eos_token_id=[eos, tok.convert_tokens_to_ids("<|endoftext|>")], pad_token_id=0)
-        assert out["token_ids"] == want[0, len(prompt):].tolist()
+        want = hf_greedy_ids(hf, prompt, 48, [eos, tok.convert_tokens_to_ids("<|endoftext|>")])
+        assert out["token_ids"] == want
     assert sum(o["finish_reason"] == "stop" for o in outs[:3]) >= 2  # chat answers end with <|im_end|>
     assert all(o["text"].strip() for o in outs)
 

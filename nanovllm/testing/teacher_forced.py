@@ -1,7 +1,19 @@
-"""The teacher-forced check shared by the GPU tests and benchmarks/tp_gpu_check.py: run HF on prompt + our
-completion and measure, position by position, how far the token we chose trails HF's best logit."""
+"""HF transformers references shared by the tests and benchmarks/tp_gpu_check.py: HF's greedy completion of a prompt,
+and the teacher-forced check (run HF on prompt + our completion and measure, position by position, how far the token
+we chose trails HF's best logit)."""
 import numpy as np
 import torch
+
+
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+              min_new_tokens: int | None = None) -> list[int]:
+    """HF's greedy completion token ids of one prompt, on the model's device (eos_token_id None: the model's
+    generation config decides)."""
+    ids = torch.tensor([list(prompt)], device=next(hf.parameters()).device)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=eos_token_id, min_new_tokens=min_new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 def teacher_forced_gaps(hf, prompt: list[int], completion: list[int]) -> torch.Tensor:
