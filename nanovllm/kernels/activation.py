@@ -12,6 +12,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up in fp32 (gate, up: fp32 tensors); shared with the gated GEMV so both round the same value."""
+    return gate / (1.0 + tl.exp2(-gate * LOG2E)) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr,    # [N, 2I], row stride stride_x
                          out_ptr,  # [N, I] contiguous
                          stride_x, inter,
@@ -22,7 +28,7 @@ def _silu_and_mul_kernel(x_ptr,    # [N, 2I], row stride stride_x
     mask = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp2(-gate * LOG2E)) * up
+    y = silu_mul(gate, up)
     tl.store(out_ptr + row * inter + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

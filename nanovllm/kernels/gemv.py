@@ -21,14 +21,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.activation import silu_and_mul_torch
+from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul
 from nanovllm.kernels.launch import cuda_sm_count, pdl_launch, use_pdl, wait_for_previous_kernel
 
 MAX_M = 16                # rows of x this path takes; larger batches go to F.linear
 FMA_MAX_M = 4             # default: CUDA-core inner product up to this M, tensor cores above
 TILE_ELEMS = 8192         # default W elements per program per K step (16 KB of bf16)
 MAX_BLOCK_K = 4096        # default: the whole K in one step up to this
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 REDUCE_BLOCK = 256        # outputs per program of the split-K reduction
 INTERPRETER_SMS = 4       # nominal SM count for config choice on CPU (the Triton interpreter)
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "dot")
@@ -79,7 +78,7 @@ def _load_x(x_ptr, m, stride_xm, ks, k_ok, K, GATED: tl.constexpr):
     if GATED:
         gate = tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
         up = tl.load(row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-        return (gate / (1.0 + tl.exp2(-gate * LOG2E)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
     return tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
 
 
