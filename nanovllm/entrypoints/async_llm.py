@@ -157,6 +157,13 @@ def loop_stats(loop: "EngineLoop") -> dict[str, int]:
     return {**engine_stats(loop.engine), "num_steps": loop.num_steps, "num_requests_aborted": loop.num_aborted}
 
 
+def closed_error(dead: EngineDeadError | None) -> Exception:
+    """What a call on a closed engine loop raises: the engine's death, or that it was shut down."""
+    if dead is not None:
+        return EngineDeadError(str(dead))
+    return RuntimeError("this AsyncLLM was shut down; create a new one")
+
+
 def as_dead(error: BaseException) -> EngineDeadError:
     """The EngineDeadError behind error, or one saying the engine loop itself failed (a bug)."""
     if isinstance(error, EngineDeadError):
@@ -199,9 +206,7 @@ class EngineLoop:
             self.commands.put(command)
 
     def closed_error(self) -> Exception:
-        if self.dead is not None:
-            return EngineDeadError(str(self.dead))
-        return RuntimeError("this AsyncLLM was shut down; create a new one")
+        return closed_error(self.dead)
 
     @property
     def config(self):  # noqa: ANN201 (nanovllm.config.Config)
@@ -336,6 +341,15 @@ class EngineLoop:
                 posts.append((running.stream, error))
         self.post(posts)
 
+    def refuse(self, command: Any, error: Exception) -> list[tuple[Any, Any]]:
+        """Answer a command the closed loop will not run: replies are settled now; an added request's failure is
+        returned, for the caller's next post."""
+        if isinstance(command, AbortRequest) and command.reply is not None:
+            self.settle(command.reply, False, None)
+        elif isinstance(command, CallEngine):
+            self.settle(command.reply, None, error)
+        return [(command.stream, error)] if isinstance(command, AddRequest) else []
+
     def close(self) -> None:
         """Fail every request in flight and every command not run, then exit the engine."""
         with self.lock:
@@ -346,12 +360,7 @@ class EngineLoop:
         self.engine_ids.clear()
         self.take_commands(block=False)
         for command in self.pending:
-            if isinstance(command, AddRequest):
-                posts.append((command.stream, error))
-            elif isinstance(command, AbortRequest) and command.reply is not None:
-                self.settle(command.reply, False, None)
-            elif isinstance(command, CallEngine):
-                self.settle(command.reply, None, error)
+            posts += self.refuse(command, error)
         self.pending.clear()
         self.post(posts)
         self.engine.exit()

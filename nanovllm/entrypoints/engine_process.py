@@ -33,6 +33,7 @@ from nanovllm.entrypoints.async_llm import (
     EngineLoop,
     RequestStream,
     Stop,
+    closed_error,
     post,
     settle,
 )
@@ -110,16 +111,6 @@ class Outbox:
         self.send(Reply(key, result, error))
 
 
-def refuse(outbox: Outbox, command: Any, error: Exception) -> None:
-    """Answer a command the closed loop could not take."""
-    if isinstance(command, AddRequest):
-        outbox.post([(command.stream, error)])
-    elif isinstance(command, AbortRequest) and command.reply is not None:
-        outbox.settle(command.reply, False, None)
-    elif isinstance(command, CallEngine):
-        outbox.settle(command.reply, None, error)
-
-
 def forward(conn: Connection, loop: EngineLoop, outbox: Outbox) -> None:
     """Commands from the parent to the loop until Stop or end of file (the parent went away: stop too)."""
     while True:
@@ -133,7 +124,7 @@ def forward(conn: Connection, loop: EngineLoop, outbox: Outbox) -> None:
         try:
             loop.send(command)
         except (EngineDeadError, RuntimeError) as e:  # the loop closed meanwhile
-            refuse(outbox, command, e)
+            outbox.post(loop.refuse(command, e))
 
 
 def child_main(conn: Connection, model: str, kwargs: dict[str, Any]) -> None:
@@ -226,9 +217,7 @@ class EngineProcess:
         return key
 
     def closed_error(self) -> Exception:
-        if self.dead is not None:
-            return EngineDeadError(str(self.dead))
-        return RuntimeError("this AsyncLLM was shut down; create a new one")
+        return closed_error(self.dead)
 
     def stop(self) -> None:
         """Ask the child to stop (requests in flight fail), wait for it to exit the engine. Idempotent."""
