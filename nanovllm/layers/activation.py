@@ -1,6 +1,6 @@
-"""silu(gate) * up for x = [gate | up] along the last dimension: one Triton kernel on CUDA, torch elsewhere."""
+"""silu(gate) * up for x = [gate | up] along the last dimension: one Triton kernel on CUDA, torch elsewhere. The MLPs
+call it through `linear(..., gated=True)`, which folds it into the down projection at decode sizes."""
 import torch
-from torch import nn
 
 from nanovllm.kernels import activation
 
@@ -10,8 +10,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return activation.silu_and_mul(x)
     return activation.silu_and_mul_torch(x)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
