@@ -32,14 +32,19 @@ def kv_bytes_per_token() -> int:
     return 2 * KV_HEADS * (HEAD_DIM + 4) if FP8 else 2 * KV_HEADS * HEAD_DIM * 2
 
 
-def random_cache(shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random cache in the benchmark's KV dtype and, for fp8, random float32 scales."""
+def random_cache(shape: tuple, value: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random cache in the benchmark's KV dtype and, for fp8, random float32 scales; an fp8 V cache in the engine's
+    token-contiguous layout (torch_attention.new_kv_cache)."""
     if not FP8:
         return torch.randn(shape, dtype=DTYPE, device="cuda"), None
-    codes = torch.randint(0, 127, shape, dtype=torch.uint8, device="cuda")  # no NaN code (127)
-    codes |= torch.randint(0, 2, shape, dtype=torch.uint8, device="cuda") << 7
-    scales = torch.rand(ta.kv_scale_shape(codes), device="cuda") / 448 + 1e-3
-    return codes.view(torch.float8_e4m3fn), scales
+    blocks, block_size, heads, head_dim = shape
+    storage = (blocks, heads, head_dim, block_size) if value else shape
+    codes = torch.randint(0, 127, storage, dtype=torch.uint8, device="cuda")  # no NaN code (127)
+    codes |= torch.randint(0, 2, storage, dtype=torch.uint8, device="cuda") << 7
+    codes = codes.view(torch.float8_e4m3fn)
+    if value:
+        codes = codes.permute(0, 3, 1, 2)
+    return codes, torch.rand(ta.kv_scale_shape(codes), device="cuda") / 448 + 1e-3
 
 
 def copy_bandwidth() -> float:
@@ -56,7 +61,7 @@ class DecodeInputs:
     def __init__(self, max_blocks: int):
         shape = (max_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
         self.k, k_scale = random_cache(shape)
-        self.v, v_scale = random_cache(shape)
+        self.v, v_scale = random_cache(shape, value=True)
         self.scales = {"k_scale": k_scale, "v_scale": v_scale} if FP8 else {}
         self.num_blocks = max_blocks
 
@@ -123,22 +128,28 @@ def split_cap(batch: int, waves: int) -> int:
 def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
     points = [(256, 1024), (64, 1024), (64, 4096), (16, 4096), (64, 512), (1, 4096)]
     tiles = [(64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 2, 3), (128, 4, 2), (128, 8, 2), (64, 2, 2)]
-    if FP8:
-        tiles += [(64, 4, 4), (64, 8, 3), (128, 4, 3), (32, 4, 4)]
+    waves = [(1, 4), (4, 4), (8, 4), (2, 2), (2, 8), (8, 2)]
+    if FP8:  # the fp8 kernel's own neighbourhood (128-token tiles, deeper pipelines)
+        tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)]
+        waves = [(1, 4), (4, 4), (2, 2)]
     variants = [{"tile_n": t, "num_warps": w, "num_stages": st, "waves": 2, "min_split_tiles": 4}
                 for t, w, st in tiles]
-    variants += [{"tile_n": 64, "num_warps": 4, "num_stages": 2, "waves": w, "min_split_tiles": m}
-                 for w, m in [(1, 4), (4, 4), (8, 4), (2, 2), (2, 8), (8, 2)]]
+    if FP8:  # register caps: more resident programs per SM
+        variants += [{"tile_n": 128, "num_warps": 4, "num_stages": st, "waves": 2, "min_split_tiles": 4,
+                      "maxnreg": r} for st, r in [(3, 128), (4, 128), (3, 168)]]
+    variants += [{"tile_n": 128 if FP8 else 64, "num_warps": 4, "num_stages": 3 if FP8 else 2, "waves": w,
+                  "min_split_tiles": m} for w, m in waves]
     print(f"\n## decode sweep, {'fp8' if FP8 else 'bf16'} KV (CUDA graph; fraction of copy bandwidth; "
           "max |diff| vs default config)")
-    print("| tile_n | warps | stages | waves | min_split_tiles | " + " | ".join(f"{b}x{c}" for b, c in points)
-          + " | max diff |")
-    print("|" + "---|" * (6 + len(points)))
+    print("| tile_n | warps | stages | waves | min_split_tiles | maxnreg | "
+          + " | ".join(f"{b}x{c}" for b, c in points) + " | max diff |")
+    print("|" + "---|" * (7 + len(points)))
     for v in variants:
         cells, err = [], 0.0
         for batch, ctx in points:
             cfg = {"tile_n": v["tile_n"], "num_warps": v["num_warps"], "num_stages": v["num_stages"],
-                   "max_splits": split_cap(batch, v["waves"]), "min_split_tiles": v["min_split_tiles"]}
+                   "max_splits": split_cap(batch, v["waves"]), "min_split_tiles": v["min_split_tiles"],
+                   "maxnreg": v.get("maxnreg")}
             try:
                 ms = time_decode_graph(inputs, batch, ctx, cfg)
                 cells.append(f"{decode_bytes(batch, ctx) / (ms * 1e-3) / copy_bw:.1%}")
@@ -146,14 +157,14 @@ def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
             except Exception as exc:  # e.g. out of shared memory for one config
                 cells.append(f"err {type(exc).__name__}")
         print(f"| {v['tile_n']} | {v['num_warps']} | {v['num_stages']} | {v['waves']} | {v['min_split_tiles']} | "
-              + " | ".join(cells) + f" | {err:.1e} |", flush=True)
+              f"{v.get('maxnreg') or '-'} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)
 
 
 def prefill_inputs(num_seqs: int, seqlen: int):
     gen = torch.Generator(device="cuda").manual_seed(0)
     width = triton.cdiv(seqlen, BLOCK_SIZE)
     shape = (num_seqs * width, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    (k, k_scale), (v, v_scale) = random_cache(shape), random_cache(shape)
+    (k, k_scale), (v, v_scale) = random_cache(shape), random_cache(shape, value=True)
     q = torch.randn(num_seqs * seqlen, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     table = torch.randperm(num_seqs * width, device="cuda").view(num_seqs, width).to(torch.int32)
     cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seqlen
@@ -197,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also try several kernel configs")
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="KV cache format")
+    parser.add_argument("--no-prefill-sweep", action="store_true", help="with --sweep: decode configs only")
     args = parser.parse_args()
     FP8 = args.kv_dtype == "fp8"
     torch.manual_seed(0)
@@ -208,7 +220,8 @@ def main() -> None:
     inputs = DecodeInputs(max_blocks)
     if args.sweep:
         sweep_decode(inputs, copy_bw)
-        sweep_prefill()
+        if not args.no_prefill_sweep:
+            sweep_prefill()
 
     rows = []
     for batch, ctx in itertools.product(BATCHES, CONTEXTS):

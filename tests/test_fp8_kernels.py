@@ -48,24 +48,31 @@ LOOSE_REL = 0.06  # rel. Frobenius error of attention over fp8 K/V vs the unquan
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-def fp8_cache(shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-poisoned fp8 cache (code 0x7F) and its NaN-poisoned scales."""
-    cache = torch.full(shape, 0x7F, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
+def fp8_cache(shape, token_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-poisoned fp8 cache (code 0x7F) and its NaN-poisoned scales. token_major: the engine's V layout
+    (storage [blocks, heads, head_dim, block_size], torch_attention.new_kv_cache), viewed as `shape`."""
+    blocks, block_size, heads, head_dim = shape
+    if token_major:
+        cache = torch.full((blocks, heads, head_dim, block_size), 0x7F, dtype=torch.uint8, device=DEV)
+        cache = cache.view(FP8_DTYPE).permute(0, 3, 1, 2)
+    else:
+        cache = torch.full(shape, 0x7F, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
     return cache, torch.full(kv_scale_shape(cache), NAN, device=DEV)
 
 
 class Fp8Paged:
     """Sequences in random distinct blocks of NaN-poisoned fp8 caches (+ scales), and the same K/V unquantised
-    in caches of the input dtype. Unused block-table entries hold stale block ids (`stale` = far out of range)."""
+    in caches of the input dtype. Unused block-table entries hold stale block ids (`stale` = far out of range).
+    V is token-contiguous as in the engine unless v_token_major=False."""
 
     def __init__(self, lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                 gen: torch.Generator, stale: int | None = None, first_block: int = 0):
+                 gen: torch.Generator, stale: int | None = None, first_block: int = 0, v_token_major: bool = True):
         self.block_size = block_size
         need = [cdiv(n, block_size) for n in lens]
         num_blocks = first_block + sum(need) + 3
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k, self.k_scale = fp8_cache(shape)
-        self.v, self.v_scale = fp8_cache(shape)
+        self.v, self.v_scale = fp8_cache(shape, token_major=v_token_major)
         self.k_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         self.v_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         perm = (torch.randperm(num_blocks - first_block, generator=gen) + first_block).tolist()
@@ -220,7 +227,7 @@ def test_store_kvcache_fp8_matches_reference(case):
     gen = torch.Generator().manual_seed(20 + case)
     num_blocks = cdiv(2 * n, block_size) + 1
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape)
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True)
     ref = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     if n > 3:
@@ -251,7 +258,7 @@ def test_qk_norm_rope_store_fp8_matches_reference(heads, kv_heads, head_dim, nor
     qkv = rand((n, (heads + 2 * kv_heads) * head_dim), dtype, gen, scale=2.0)
     num_blocks = cdiv(2 * n, block_size)
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape)
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     slots[[2, 11]] = -1
     positions = torch.randint(0, 500, (n,), generator=gen).to(DEV)
@@ -313,6 +320,24 @@ def test_decode_fp8_matches_reference(case, dtype):
     ctx_lens, heads, kv_heads, head_dim, block_size, config = DECODE_CASES[case]
     seed = 200 + 10 * case + (dtype == torch.float16)
     check_decode(ctx_lens, heads, kv_heads, head_dim, block_size, dtype, seed=seed, config=config)
+
+
+@interp
+def test_fp8_attention_with_head_dim_contiguous_v():
+    """The kernels follow V's strides: a head_dim-contiguous fp8 V gives the same results as the engine's layout."""
+    check_decode([95, 200, 7], 16, 8, 64, 64, torch.float32, seed=7, v_token_major=False)
+    check_prefill([16, 7, 1], [80, 23, 50], 6, 2, 32, 64, torch.float32, seed=8, v_token_major=False)
+
+
+@interp
+def test_cache_layout_is_checked():
+    (kc, ks), (vc, vs) = fp8_cache((2, 16, 2, 32)), fp8_cache((2, 16, 2, 32))
+    key, slot = torch.zeros(1, 2, 32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="contiguous head_dim or block_size"):
+        heads_last = vc.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # only the heads dim contiguous
+        store_kvcache(key, key, kc, heads_last, slot, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match="must both be"):
+        store_kvcache(key, key, kc, vc[:, :8], slot, k_scale=ks, v_scale=vs)
 
 
 @interp

@@ -49,12 +49,13 @@ def _norm_rope(x1, x2,        # [HEADS_P2, HALF_P2] first / second halves of eac
 @triton.jit
 def _store_halves_fp8(cache_ptr,  # uint8 view of a float8_e4m3fn cache
                       scale_ptr,  # [num_blocks, H_kv, block_size] fp32
-                      dst, sdst, x1, x2, head_ok, mask, HALF: tl.constexpr):
-    """Quantise heads given as halves x1, x2 [HEADS, HALF_P2] (fp32, padding zero) with one scale per head."""
+                      dst, sdst, x1, x2, head_ok, mask, half_offset):
+    """Quantise heads given as halves x1, x2 [HEADS, HALF_P2] (fp32, padding zero) with one scale per head; the
+    second half's codes go half_offset elements after the first's."""
     amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
     scale, inv = _fp8_scale(amax)
     tl.store(cache_ptr + dst, _fp8_encode(x1, inv), mask=mask)
-    tl.store(cache_ptr + dst + HALF, _fp8_encode(x2, inv), mask=mask)
+    tl.store(cache_ptr + dst + half_offset, _fp8_encode(x2, inv), mask=mask)
     tl.store(scale_ptr + sdst, scale, mask=head_ok)
 
 
@@ -64,13 +65,15 @@ def _qk_norm_rope_store_kernel(
         k_ptr, v_ptr,               # [N, H_kv, D] strided rows/heads
         pos_ptr,                    # [N] int
         cos_sin_ptr,                # [max_pos, D] fp32: [cos | sin]
-        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D] (uint8 views when FP8)
+        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D] (uint8 views when FP8); v any strides
         k_scale_ptr, v_scale_ptr,   # [num_blocks, H_kv, block_size] fp32 (FP8 only)
         slot_ptr,                   # [N] int; -1 = do not store
         qw_ptr, kw_ptr,             # [D] norm weights (Q_NORM / K_NORM)
         eps,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-        stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
+        stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
+        stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+        stride_sblk, stride_sh,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
@@ -104,19 +107,21 @@ def _qk_norm_rope_store_kernel(
     v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
         + offs_kh[:, None] * stride_ch + offs_c[None, :]
+    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE) * stride_vslot \
+        + offs_kh[:, None] * stride_vch + offs_c[None, :] * stride_vd
     if FP8:  # quantise per (token, head) over both halves; scales beside the codes
         sdst = (slot // BLOCK_SIZE) * stride_sblk + offs_kh * stride_sh + slot % BLOCK_SIZE
         head_ok = offs_kh < tl.where(slot >= 0, NUM_KV_HEADS, 0)
         _store_halves_fp8(k_cache_ptr, k_scale_ptr, dst, sdst, k1.to(tl.float32), k2.to(tl.float32), head_ok,
                           kv_mask, HALF)
-        _store_halves_fp8(v_cache_ptr, v_scale_ptr, dst, sdst, v1.to(tl.float32), v2.to(tl.float32), head_ok,
-                          kv_mask, HALF)
+        _store_halves_fp8(v_cache_ptr, v_scale_ptr, vdst, sdst, v1.to(tl.float32), v2.to(tl.float32), head_ok,
+                          kv_mask, HALF * stride_vd)
     else:
         cache_dtype = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
         tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
-        tl.store(v_cache_ptr + dst, v1.to(cache_dtype), mask=kv_mask)
-        tl.store(v_cache_ptr + dst + HALF, v2.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + vdst, v1.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + vdst + HALF * stride_vd, v2.to(cache_dtype), mask=kv_mask)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -162,8 +167,8 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         q, k, v, positions, cos_sin_cache, k_dst, v_dst, k_scale, v_scale, slot_mapping,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else q, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), k_scale.stride(0),
+        k_scale.stride(1), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
         HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
         Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8, **pdl_launch(pdl),

@@ -1,7 +1,9 @@
 """Pure-torch paged attention: the reference every faster backend is tested against.
 
 Cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
-Slot s lives at block s // block_size, offset s % block_size.
+Slot s lives at block s // block_size, offset s % block_size. k_cache's head_dim is contiguous; v_cache may
+instead have a contiguous block_size (new_kv_cache does that for fp8, see there); every function here and in
+triton_attention.py follows the strides.
 
 FP8 KV cache (k_scale / v_scale given): the caches are float8_e4m3fn and every (token, KV head) vector x of
 head_dim values is stored as codes = round(x / s) with its own float32 scale s = amax(|x|) / 448 (1 where x is
@@ -46,6 +48,24 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch
     return True
 
 
+def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, storage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache), both [num_blocks, block_size, num_kv_heads, head_dim], in the layouts the engine uses:
+    k with head_dim contiguous; v the same, except for fp8, where v's storage is [num_blocks, num_kv_heads,
+    head_dim, block_size] (a permuted view is returned). Why: P.V reduces over tokens, and 8-bit tensor-core
+    operands must be contiguous along the reduced dim (16-bit ones are transposed by ldmatrix), so token-contiguous
+    fp8 V lets the attention kernels load V tiles with wide loads instead of byte by byte.
+    storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view."""
+    numel = num_blocks * block_size * num_kv_heads * head_dim
+    if storage is None:
+        storage = torch.empty(2, numel, dtype=dtype, device=device)
+    k = storage[0].view(num_blocks, block_size, num_kv_heads, head_dim)
+    if dtype != FP8_DTYPE:
+        return k, storage[1].view(num_blocks, block_size, num_kv_heads, head_dim)
+    v = storage[1].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    return k, v
+
+
 def quantize_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (float8_e4m3fn codes [..., D], float32 scales [...]) with x ~= codes * scale."""
     xf = x.float()
@@ -63,13 +83,14 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
+    blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
     for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         x = x[valid]
         if fp8:
             x, s = quantize_fp8_torch(x)
-            block_size = cache.shape[1]
-            scale[slots // block_size, :, slots % block_size] = s  # [n, H_kv] into [blocks, H_kv, block_size]
-        cache.view(-1, *cache.shape[2:])[slots] = x.to(cache.dtype)
+            scale[blocks, :, offsets] = s  # [n, H_kv] into [blocks, H_kv, block_size]
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)  # index_put on float8 is not everywhere
+        cache[blocks, offsets] = x.to(cache.dtype)  # any cache strides
 
 
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen_k: int,

@@ -47,9 +47,9 @@ def _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE: tl.constexpr, TILE_N: 
     ONE_PAGE: the tile lies inside one page (BLOCK_SIZE % TILE_N == 0) -> one scalar block-table load.
     Otherwise each token looks up its own page (masked beyond `limit`, so no out-of-range table reads).
     """
-    if ONE_PAGE:
+    if ONE_PAGE:  # start is a multiple of TILE_N: tell the compiler, so token-contiguous V loads vectorise
         page = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
-        return page, (start % BLOCK_SIZE) + offs_n
+        return page, tl.max_contiguous(tl.multiple_of((start % BLOCK_SIZE) + offs_n, TILE_N), TILE_N)
     else:
         pos = start + offs_n
         page = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < limit, other=0).to(tl.int64)
@@ -57,33 +57,39 @@ def _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE: tl.constexpr, TILE_N: 
 
 
 @triton.jit
-def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot,
-               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr):
-    """int64 element offsets [TILE_N] of cache rows start + offs_n (same for K and V)."""
+def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot, stride_vblk, stride_vslot,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, V_LIKE_K: tl.constexpr):
+    """int64 element offsets [TILE_N] of cache rows start + offs_n in K and in V (one block-table lookup;
+    V_LIKE_K: v_cache has k_cache's strides, so the offsets are shared)."""
     page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
-    return page * stride_blk + in_page.to(tl.int64) * stride_slot
+    in_page = in_page.to(tl.int64)
+    rows = page * stride_blk + in_page * stride_slot
+    if V_LIKE_K:
+        return rows, rows
+    return rows, page * stride_vblk + in_page * stride_vslot
 
 
 @triton.jit
 def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, limit, qk_scale, dtype: tl.constexpr,
-              stride_cblk, stride_cslot, stride_sblk,
+              stride_cblk, stride_cslot, stride_vblk, stride_vslot, stride_vd, stride_sblk,
               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr):
-    """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale)."""
+    """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale).
+    Loads are never masked (a masked load of the token-contiguous V goes byte by byte): every row read lies in an
+    allocated page (the tile's page, or page 0 for rows past `limit` without ONE_PAGE). MASKED: rows at or past
+    `limit` may hold stale or NaN codes, so their V and v_scale are zeroed; callers mask their scores."""
     page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
     rows = page * stride_cblk + in_page.to(tl.int64) * stride_cslot
+    v_ptrs = v_head + (page * stride_vblk + in_page.to(tl.int64) * stride_vslot)[:, None] + offs_d[None, :] * stride_vd
     srows = page * stride_sblk + in_page
+    k = tl.load(k_head + rows[:, None] + offs_d[None, :]).to(dtype)
+    v = tl.load(v_ptrs).to(dtype)
+    ks = tl.load(ks_head + srows)
+    vs = tl.load(vs_head + srows)
     if MASKED:
         ok = start + offs_n < limit
-        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-        ks = tl.load(ks_head + srows, mask=ok, other=0.0)
-        vs = tl.load(vs_head + srows, mask=ok, other=0.0)
-    else:
-        k = tl.load(k_head + rows[:, None] + offs_d[None, :])
-        v = tl.load(v_head + rows[:, None] + offs_d[None, :])
-        ks = tl.load(ks_head + srows)
-        vs = tl.load(vs_head + srows)
-    return k.to(dtype), v.to(dtype), ks * qk_scale, vs
+        v = tl.where(ok[:, None], v, 0.0)
+        vs = tl.where(ok, vs, 0.0)
+    return k, v, ks * qk_scale, vs
 
 
 @triton.jit
@@ -160,7 +166,9 @@ def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows /
                           slot_ptr,                  # [N] int; -1 = skip
                           k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                           stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_cblk, stride_cslot, stride_ch, stride_sblk, stride_sh,
+                          stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
+                          stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                          stride_sblk, stride_sh,
                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
                           USE_PDL: tl.constexpr):
@@ -174,16 +182,18 @@ def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows /
     src_v = tok.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
         + offs_h[:, None] * stride_ch + offs_d[None, :]
+    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE) * stride_vslot \
+        + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vd
     k = tl.load(key_ptr + src_k, mask=mask)
     v = tl.load(value_ptr + src_v, mask=mask)
     if FP8:  # quantise per (token, head) in registers; scales beside the codes
         sdst = (slot // BLOCK_SIZE) * stride_sblk + offs_h * stride_sh + slot % BLOCK_SIZE
         head_ok = offs_h < tl.where(slot >= 0, NUM_KV_HEADS, 0)
         _store_fp8(k_cache_ptr, k_scale_ptr, dst, sdst, k.to(tl.float32), head_ok)
-        _store_fp8(v_cache_ptr, v_scale_ptr, dst, sdst, v.to(tl.float32), head_ok)
+        _store_fp8(v_cache_ptr, v_scale_ptr, vdst, sdst, v.to(tl.float32), head_ok)
     else:
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + vdst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -205,8 +215,8 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_dst, v_dst, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), k_scale.stride(0),
+        k_scale.stride(1), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[1], FP8=fp8, **pdl_launch(pdl),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
@@ -229,11 +239,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
                     k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                     qk_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_cblk, stride_cslot, stride_ch, stride_bt, stride_sblk, stride_sh,
+                    stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
+                    stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                    stride_bt, stride_sblk, stride_sh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                     NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                    KV_DTYPE: tl.constexpr):
+                    KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr):
     # Tile = TOKENS query tokens x GROUP query heads (row r: token r // GROUP, head r % GROUP).
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) tiles first
     b = tl.program_id(1)
@@ -262,7 +274,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_ch
-    v_head = v_cache_ptr + kvh * stride_ch
+    v_head = v_cache_ptr + kvh * stride_vch
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
@@ -272,32 +284,34 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
         vs_head = v_scale_ptr + kvh * stride_sh
         for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
-                                     BLOCK_SIZE, TILE_N, ONE_PAGE, False)
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
+                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, False)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
         for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
             pos = start + offs_n
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
-                                     BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
+                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
     else:
         for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
-            rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+            rows, vrows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, stride_vblk,
+                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :])
-            v = tl.load(v_head + rows[:, None] + offs_d[None, :])
+            v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
         for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
             pos = start + offs_n
             kv_ok = (pos < k_len)[:, None]
-            rows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N, ONE_PAGE)
+            rows, vrows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, stride_vblk,
+                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
@@ -352,11 +366,12 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_table, k_scale, v_scale,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), block_table.stride(0),
         k_scale.stride(0), k_scale.stride(1),
         GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
-        DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q), num_warps=cfg["num_warps"])
+        DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
+        V_LIKE_K=v_cache.stride() == k_cache.stride(), num_warps=cfg["num_warps"])
     return out
 
 
@@ -380,12 +395,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
                    k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                    qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh,
-                   stride_cblk, stride_cslot, stride_ch, stride_bt, stride_sblk, stride_sh,
+                   stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
+                   stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                   stride_bt, stride_sblk, stride_sh,
                    max_splits, min_split_tiles,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                    KV_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+                   KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -406,32 +423,38 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_ch
-    v_head = v_cache_ptr + kvh * stride_ch
+    v_head = v_cache_ptr + kvh * stride_vch
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    if FP8:  # same loop; tiles converted to KV_DTYPE, scales folded into scores and probabilities
+    if FP8:  # tiles converted to KV_DTYPE, scales folded into scores and probabilities
         qc = q.to(KV_DTYPE)  # bf16 queries: fp8 converts to fp16 in hardware, so the dots run in fp16
         ks_head = k_scale_ptr + kvh * stride_sh
         vs_head = v_scale_ptr + kvh * stride_sh
-        for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
-            start = t * TILE_N
-            pos = start + offs_n
-            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_sblk,
-                                     BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+        full_hi = tl.minimum(tile_hi, ctx_len // TILE_N)  # tiles wholly inside the context: no masks
+        for t in tl.range(tile_lo, full_hi, num_stages=NUM_STAGES):
+            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, t * TILE_N, offs_n, offs_d, ctx_len,
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
+                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, False)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
-            qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
+        for t in tl.range(tl.maximum(tile_lo, full_hi), tile_hi, num_stages=1):  # the partial last tile, if any
+            start = t * TILE_N
+            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
+                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
+            qk = tl.where((start + offs_n < ctx_len)[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
     else:
         for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
             start = t * TILE_N
             pos = start + offs_n
             kv_ok = (pos < ctx_len)[:, None]
-            rows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, BLOCK_SIZE, TILE_N,
-                              ONE_PAGE)
+            rows, vrows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, stride_vblk,
+                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             qk = tl.where((pos < ctx_len)[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, DOT_PREC)
@@ -474,7 +497,8 @@ def _decode_merge_kernel(out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, stride_ob, 
 
 
 def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool = False) -> dict:
-    """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe)."""
+    """Tile/warp choice plus the split cap, which depends only on the batch size (graph safe); "maxnreg" (optional,
+    CUDA only) caps registers per thread."""
     batch = q.shape[0]
     if _interpreting(q):
         return {"tile_n": 32, "num_warps": 4, "num_stages": 1, "max_splits": 4, "min_split_tiles": 1}
@@ -525,13 +549,14 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, k_scale, v_scale,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), block_table.stride(0),
         k_scale.stride(0), k_scale.stride(1),
         max_splits, cfg["min_split_tiles"],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
         NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        **pdl_launch(pdl), num_warps=cfg["num_warps"])
+        V_LIKE_K=v_cache.stride() == k_cache.stride(), **pdl_launch(pdl), num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             out, part_o, part_lse, context_lens, out.stride(0), out.stride(1),
@@ -568,9 +593,14 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
 
 
 def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be "
-                         "[num_blocks, block_size, num_kv_heads, head_dim] with equal strides")
-    if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1:
+    """Both caches [num_blocks, block_size, num_kv_heads, head_dim]; k_cache's head_dim contiguous; v_cache's too,
+    or its block_size (the token-contiguous layout of the engine's fp8 V cache, torch_attention.new_kv_cache)."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         "[num_blocks, block_size, num_kv_heads, head_dim]")
+    if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not match num_kv_heads {num_kv_heads}, "
-                         f"head_dim {head_dim} (last dim must be contiguous)")
+                         f"head_dim {head_dim}")
+    if k_cache.stride(3) != 1 or 1 not in (v_cache.stride(3), v_cache.stride(1)):
+        raise ValueError(f"k_cache strides {k_cache.stride()} need a contiguous head_dim; v_cache strides "
+                         f"{v_cache.stride()} a contiguous head_dim or block_size")

@@ -1,7 +1,8 @@
 """The paged KV cache of one rank: its layout, how many blocks fit, allocation, and binding to attention layers.
 
-Layout: one tensor [2 (k, v), num_layers, num_blocks, block_size, num_kv_heads (this rank's), head_dim]; layer i's
-attention sees k = cache[0, i] and v = cache[1, i], each [num_blocks, block_size, num_kv_heads, head_dim]. An FP8
+Layout: one tensor [num_layers, 2 (k, v), num_blocks * block_size * num_kv_heads (this rank's) * head_dim]; layer
+i's attention sees k and v as [num_blocks, block_size, num_kv_heads, head_dim] views of data[i]
+(torch_attention.new_kv_cache: head_dim-contiguous, except an fp8 V, which is token-contiguous). An FP8
 cache (kv_cache_dtype="fp8") stores float8 e4m3 codes there plus a float32 scale per (token, KV head):
 scales [2, num_layers, num_blocks, num_kv_heads, block_size] (head-major inside a block, so one head's scales for a
 tile of tokens are one contiguous load). Scales follow the data: each token's K and V of each head are scaled by
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from nanovllm.config import Config
+from nanovllm.kernels.torch_attention import new_kv_cache
 from nanovllm.layers.attention import Attention, LayerKVCache
 from nanovllm.models.utils import head_dim_of
 
@@ -39,7 +41,13 @@ class KVCacheSpec:
         return self.dtype == torch.float8_e4m3fn
 
     def shape(self, num_blocks: int) -> tuple[int, ...]:
-        return 2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim
+        return self.num_layers, 2, num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+
+    def layer_views(self, data: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        num_blocks = data.shape[2] // (self.block_size * self.num_kv_heads * self.head_dim)
+        return new_kv_cache(num_blocks, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, data.device,
+                            storage=data[layer])
 
     def scale_shape(self, num_blocks: int) -> tuple[int, ...]:
         return 2, self.num_layers, num_blocks, self.num_kv_heads, self.block_size
@@ -53,6 +61,7 @@ class KVCacheSpec:
 
 @dataclass
 class KVCache:
+    spec: KVCacheSpec
     data: torch.Tensor                  # spec.shape(num_blocks)
     scales: torch.Tensor | None = None  # spec.scale_shape(num_blocks) float32, fp8 only
 
@@ -64,7 +73,7 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> KVCache:
     data = torch.empty(spec.shape(num_blocks), dtype=spec.dtype, device=device)
     scales = torch.empty(spec.scale_shape(num_blocks), dtype=torch.float32, device=device) if spec.fp8 else None
-    return KVCache(data, scales)
+    return KVCache(spec, data, scales)
 
 
 def bind(model: nn.Module, cache: KVCache | None) -> None:
@@ -73,9 +82,10 @@ def bind(model: nn.Module, cache: KVCache | None) -> None:
         if cache is None:
             attn.kv_cache = None
         elif cache.scales is None:
-            attn.kv_cache = LayerKVCache(cache.data[0, i], cache.data[1, i])
+            attn.kv_cache = LayerKVCache(*cache.spec.layer_views(cache.data, i))
         else:
-            attn.kv_cache = LayerKVCache(cache.data[0, i], cache.data[1, i], cache.scales[0, i], cache.scales[1, i])
+            attn.kv_cache = LayerKVCache(*cache.spec.layer_views(cache.data, i), cache.scales[0, i],
+                                         cache.scales[1, i])
 
 
 def cpu_num_blocks(spec: KVCacheSpec, config: Config) -> int:
