@@ -119,7 +119,8 @@ def test_uniform_bits_match_sampling_rng():
 @interp
 def test_neg_log2_uniform_relative_error():
     """-log2(u) keeps a small relative error on the whole uniform grid, also next to 1 (the series branch) and
-    with the hardware lg2.approx on GPUs (relative error <= 2**-22 / |log2 u| outside the series branch)."""
+    with the hardware lg2.approx on GPUs (relative error <= 2**-22 / |log2 u| outside the series branch, whose
+    truncation error is <= 2**-20)."""
     grid = (torch.arange(2**23, dtype=torch.float64) + 0.5) * 2.0**-23
     u = torch.cat([grid[:64], grid[-4096:], grid[::2049], torch.tensor([0.5, 15 / 16, 15 / 16 + 2**-24])])
     u = u.float()
@@ -128,7 +129,7 @@ def test_neg_log2_uniform_relative_error():
     _neg_log2_probe_kernel[(1,)](u.to(DEV), out, u.numel(), BLOCK=block, APPROX=HAS_CUDA)
     exact = -torch.log2(u.double())
     rel = ((out.cpu().double() - exact) / exact).abs()
-    assert rel.max().item() < (3e-6 if HAS_CUDA else 4e-7), f"max relative error {rel.max().item():.2e}"
+    assert rel.max().item() < (1.2e-5 if HAS_CUDA else 1.2e-6), f"max relative error {rel.max().item():.2e}"
 
 
 SAMPLER_CASES = [(1, 7), (5, 33), (6, 300), (33, 65), (3, 1000)]  # (B, V); V > 256 spans several chunks
@@ -153,7 +154,7 @@ def test_sampler_configs_agree():
     gen = torch.Generator().manual_seed(20)
     logits, temps, seeds, positions = sampler_inputs(7, 333, torch.float32, gen)
     ref = sample_gumbel_torch(logits, temps, seeds, positions)
-    for rows, tile_v, tiles in [(1, 16, 1), (2, 32, 3), (4, 64, 8), (8, 512, 1), (4, 128, 1)]:
+    for rows, tile_v, tiles in [(1, 16, 1), (2, 32, 3), (4, 64, 8), (1, 512, 1), (4, 128, 1), (4, 16, 2)]:
         cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 1}
         assert torch.equal(sample_gumbel(logits, temps, seeds, positions, config=cfg), ref), cfg
 
@@ -196,18 +197,41 @@ def test_sampler_empty_batch_and_bad_inputs():
 CHI2_999_6DOF = 27.86  # chi-square 0.9999 quantile, 6 degrees of freedom
 
 
+@triton.jit
+def _score_probe_kernel(logits_ptr, seed_ptr, pos_ptr, out_ptr, temperature, n, vocab,
+                        BLOCK: tl.constexpr, APPROX: tl.constexpr):
+    """out[d, v] = the sampler's score of token v for draw d (its own noise code, one draw per element)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (draw, token)
+    ok = offs < n * vocab
+    draw, col = offs // vocab, offs % vocab
+    key = sampling._row_keys(tl.load(seed_ptr + draw, mask=ok, other=0), tl.load(pos_ptr + draw, mask=ok, other=0))
+    x = tl.load(logits_ptr + col, mask=ok, other=0.0)
+    score = sampling._gumbel_score(x, sampling._value_hash(col.to(tl.uint32)), temperature > 0,
+                                   sampling.LOG2E / temperature, key, APPROX)
+    tl.store(out_ptr + offs, score, mask=ok)
+
+
 @interp
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_sampler_distribution_chi_square(temperature):
-    """20k draws over many (seed, position) pairs follow softmax(logits / T) on a 7-token vocabulary."""
+    """20k draws over many (seed, position) pairs follow softmax(logits / T) on a 7-token vocabulary. On a GPU the
+    whole kernel draws; the interpreter (too slow for 5,000 programs) takes the argmax of the kernel's own score
+    code, evaluated for every (draw, token) by a probe kernel."""
     vocab, draws = 7, 20000
     base = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -3.0, 1.5])
-    logits = base.repeat(draws, 1).to(DEV)
-    temps = torch.full((draws,), temperature, device=DEV)
     seeds = torch.arange(draws, device=DEV) // 50
     positions = torch.arange(draws, device=DEV) % 50 + 1000
-    out = sample_gumbel(logits, temps, seeds, positions, config={"rows": 512, "tile_v": 8, "tiles": 1,
-                                                                 "num_warps": 1})
+    if HAS_CUDA:
+        logits = base.repeat(draws, 1).to(DEV)
+        temps = torch.full((draws,), temperature, device=DEV)
+        out = sample_gumbel(logits, temps, seeds, positions, config={"rows": 4, "tile_v": 8, "tiles": 1,
+                                                                     "num_warps": 1})
+    else:
+        scores = poison((draws, vocab), torch.float32)
+        block = 8192
+        _score_probe_kernel[(triton.cdiv(draws * vocab, block),)](
+            base.to(DEV), seeds, positions, scores, temperature, draws, vocab, BLOCK=block, APPROX=False)
+        out = scores.argmax(-1)
     counts = torch.bincount(out.cpu(), minlength=vocab).double()
     expected = torch.softmax(base.double() / temperature, 0) * draws
     chi2 = ((counts - expected) ** 2 / expected).sum().item()

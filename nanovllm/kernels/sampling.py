@@ -6,14 +6,16 @@ u[b, v] = sampling_rng.seeded_uniform(seeds, positions, V)[b, v] is recomputed b
 lowest index. This is the exponential trick of layers/sampler.py (argmax of softmax(logits / T) / Exp(1) noise
 with Exp = -log(u)) written in the log domain, so the same seeds sample the same tokens up to float rounding.
 
-Kernel layout: grid (row groups, vocabulary chunks). A program takes ROWS rows x one chunk, walks the chunk in
-tiles, and keeps a per-lane running (best score, its index); the column half of the hash is computed once per
-tile and shared by its rows. A second tiny kernel reduces the per-chunk winners of each row (skipped when the
-vocabulary fits one chunk). The grid depends only on (B, V): no host syncs, CUDA-graph safe.
+Kernel layout: grid (row groups, vocabulary chunks). A program takes ROWS (1, 2 or 4) rows x one chunk, walks
+the chunk in tiles, and keeps per-lane running (best score, its index) per row; the column half of the hash is
+computed once per column and shared by the rows (rows are unrolled so each lane holds every row of its columns).
+A second tiny kernel reduces the per-chunk winners of each row (skipped when the vocabulary fits one chunk). The
+grid depends only on (B, V): no host syncs, CUDA-graph safe.
 
-Float notes (GPU): the noise is computed in the log2 domain (argmax unchanged) with the hardware lg2.approx;
--log2(u) takes a 5-term series in w = 1 - u for w < 1/16, where lg2.approx would lose relative accuracy, so
-the noise's relative error stays below ~3e-6 everywhere. NaN logits are never picked (torch.argmax would).
+Float notes (GPU): the noise is computed in the log2 domain (argmax unchanged) with the hardware lg2.approx (ftz:
+no subnormal fix-ups; every input is normal); -log2(u) takes a 3-term series in w = 1 - u for w < 2**-6, where
+lg2.approx would lose relative accuracy, so -log2(u) keeps a relative error below ~1e-5 everywhere (the score
+moves far less than a bf16 logit's rounding). NaN logits are never picked (torch.argmax would).
 """
 from __future__ import annotations
 
@@ -78,8 +80,8 @@ def _uniform(bits):
 
 @triton.jit
 def _log2(x, APPROX: tl.constexpr):
-    if APPROX:  # one MUFU op on NVIDIA GPUs
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+    if APPROX:  # one MUFU op on NVIDIA GPUs (ftz: every input here is a normal float, no subnormal fix-up)
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         return tl.log2(x)
@@ -87,10 +89,11 @@ def _log2(x, APPROX: tl.constexpr):
 
 @triton.jit
 def _neg_log2_uniform(u, APPROX: tl.constexpr):
-    """-log2(u) with small relative error for u in (0, 1), also next to 1."""
+    """-log2(u) with small relative error for u in (0, 1), also next to 1: log2(e) (w + w^2/2 + w^3/3) for
+    w = 1 - u < 2**-6 (truncation < w^3/4 <= 2**-20 relative), else -lg2(u) (relative error <= 2**-22 / 0.0225)."""
     w = 1.0 - u  # exact for u on the 2**-24 grid
-    series = w * (LOG2E + w * (LOG2E / 2 + w * (LOG2E / 3 + w * (LOG2E / 4 + w * (LOG2E / 5)))))
-    return tl.where(w < 0.0625, series, -_log2(u, APPROX))
+    series = w * (LOG2E + w * (LOG2E / 2 + w * (LOG2E / 3)))
+    return tl.where(w < 0.015625, series, -_log2(u, APPROX))
 
 
 @triton.jit
@@ -101,11 +104,41 @@ def _best_update(best_val, best_idx, score, cols):
 
 
 @triton.jit
-def _row_argmax(best_val, best_idx):
-    """[ROWS, TILE] lanes -> (max [ROWS], lowest index reaching it [ROWS])."""
-    top = tl.max(best_val, 1)
-    idx = tl.min(tl.where(best_val == top[:, None], best_idx, _INT32_MAX), 1)
-    return top, idx
+def _lane_argmax(best_val, best_idx):
+    """[TILE_V] lanes -> (max, lowest index reaching it)."""
+    top = tl.max(best_val, 0)
+    return top, tl.min(tl.where(best_val == top, best_idx, _INT32_MAX), 0)
+
+
+@triton.jit
+def _row_params(temp_ptr, seed_ptr, pos_ptr, row, num_rows, vocab):
+    """Scalars of one row: in the batch?, columns to read (vocab, or 0 past the batch), sampled?, log2(e) / T,
+    hash key. Rows past the batch read as greedy."""
+    ok = row < num_rows
+    temp = tl.load(temp_ptr + row, mask=ok, other=0.0)
+    sampled = temp >= _GREEDY_EPS
+    coef = LOG2E / tl.where(sampled, temp, 1.0)
+    key = _row_keys(tl.load(seed_ptr + row, mask=ok, other=0), tl.load(pos_ptr + row, mask=ok, other=0))
+    return ok, tl.where(ok, vocab, 0), sampled, coef, key
+
+
+@triton.jit
+def _gumbel_score(x, col_hash, sampled, coef, key, APPROX_LOG: tl.constexpr):
+    """x [TILE_V] fp32 -> x log2(e) / T - log2(-log2 u) if the row is sampled (a scalar), else x."""
+    noise = _log2(_neg_log2_uniform(_uniform(_cell_bits(key, col_hash)), APPROX_LOG), APPROX_LOG)
+    return tl.where(sampled, x * coef - noise, x)
+
+
+@triton.jit
+def _store_row(part_val_ptr, part_idx_ptr, out_ptr, row, ok, chunk, num_chunks, best_val, best_idx,
+               DIRECT: tl.constexpr):
+    top, idx = _lane_argmax(best_val, best_idx)
+    if DIRECT:
+        tl.store(out_ptr + row, idx.to(tl.int64), mask=ok)
+    else:
+        part = row.to(tl.int64) * num_chunks + chunk
+        tl.store(part_val_ptr + part, top, mask=ok)
+        tl.store(part_idx_ptr + part, idx, mask=ok)
 
 
 @triton.jit
@@ -118,49 +151,68 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
                            out_ptr,      # [B] int64 (written only when DIRECT)
                            num_rows, vocab, stride_b,
                            TILES,  # tiles per program: a runtime value, so batch sizes share one compiled kernel
-                           ROWS: tl.constexpr, TILE_V: tl.constexpr, STAGES: tl.constexpr,
+                           ROWS: tl.constexpr, TILE_V: tl.constexpr,
                            DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr, USE_PDL: tl.constexpr):
+    # The ROWS (1, 2 or 4) rows are unrolled by hand, not a [ROWS, TILE_V] block: each lane then holds every row
+    # of its columns, so the column half of the hash is computed once per column, and a row's temperature, key
+    # and greedy flag are scalars. Rows r >= ROWS are never touched.
     wait_for_previous_kernel(USE_PDL)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_rows
+    row0 = tl.program_id(0) * ROWS
+    end_row = tl.minimum(num_rows, row0 + ROWS)  # rows from here on read as greedy and masked
+    ok0, lim0, sampled0, coef0, key0 = _row_params(temp_ptr, seed_ptr, pos_ptr, row0, end_row, vocab)
+    ok1, lim1, sampled1, coef1, key1 = _row_params(temp_ptr, seed_ptr, pos_ptr, row0 + 1, end_row, vocab)
+    ok2, lim2, sampled2, coef2, key2 = _row_params(temp_ptr, seed_ptr, pos_ptr, row0 + 2, end_row, vocab)
+    ok3, lim3, sampled3, coef3, key3 = _row_params(temp_ptr, seed_ptr, pos_ptr, row0 + 3, end_row, vocab)
+    any_sampled = sampled0 | sampled1 | sampled2 | sampled3
+    ptr0 = logits_ptr + row0.to(tl.int64) * stride_b
+    ptr1, ptr2, ptr3 = ptr0 + stride_b, ptr0 + 2 * stride_b, ptr0 + 3 * stride_b
 
-    # Row parameters: greedy rows score the raw logits, sampled ones x * log2(e) / T - log2(-log2(u)).
-    temp = tl.load(temp_ptr + rows, mask=row_ok, other=0.0)
-    sampled = temp >= _GREEDY_EPS
-    coef = tl.where(sampled, LOG2E / tl.where(sampled, temp, 1.0), 1.0)
-    keys = _row_keys(tl.load(seed_ptr + rows, mask=row_ok, other=0), tl.load(pos_ptr + rows, mask=row_ok, other=0))
-    any_sampled = tl.max(sampled.to(tl.int32), 0) > 0
-
-    row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_b
     cols0 = chunk * (TILES * TILE_V) + tl.arange(0, TILE_V)
-    best_val = tl.full([ROWS, TILE_V], float("-inf"), tl.float32)
-    best_idx = tl.broadcast_to(cols0[None, :], [ROWS, TILE_V])  # all -inf: each lane's lowest index wins
-    if any_sampled:  # STAGES > 1: the next tiles' logits load (cp.async) while this one's noise is computed
-        for t in tl.range(0, TILES, num_stages=STAGES):
-            cols = cols0 + t * TILE_V
-            mask = row_ok[:, None] & (cols < vocab)[None, :]
-            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            # Noise: column half of the hash once per tile, row half per element.
-            bits = _cell_bits(keys[:, None], _value_hash(cols.to(tl.uint32))[None, :])
-            noise = _log2(_neg_log2_uniform(_uniform(bits), APPROX_LOG), APPROX_LOG)
-            score = tl.where(sampled[:, None], x * coef[:, None] - noise, x)
-            best_val, best_idx = _best_update(best_val, best_idx, score, cols[None, :])
-    else:  # every row of this group is greedy: no noise
-        for t in tl.range(0, TILES, num_stages=STAGES):
-            cols = cols0 + t * TILE_V
-            mask = row_ok[:, None] & (cols < vocab)[None, :]
-            x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            best_val, best_idx = _best_update(best_val, best_idx, x, cols[None, :])
+    val0 = tl.full([TILE_V], float("-inf"), tl.float32)
+    val1, val2, val3 = val0, val0, val0
+    idx0, idx1, idx2, idx3 = cols0, cols0, cols0, cols0  # all -inf: each lane's lowest index wins
+    # Register double buffer: tile t + 1's logits load while tile t's noise is computed (TILES >= 1).
+    nxt0 = tl.load(ptr0 + cols0, mask=cols0 < lim0, other=float("-inf"))
+    nxt1, nxt2, nxt3 = nxt0, nxt0, nxt0
+    if ROWS > 1:
+        nxt1 = tl.load(ptr1 + cols0, mask=cols0 < lim1, other=float("-inf"))
+    if ROWS > 2:
+        nxt2 = tl.load(ptr2 + cols0, mask=cols0 < lim2, other=float("-inf"))
+        nxt3 = tl.load(ptr3 + cols0, mask=cols0 < lim3, other=float("-inf"))
+    for t in tl.range(0, TILES):
+        cols = cols0 + t * TILE_V
+        x0, x1, x2, x3 = nxt0.to(tl.float32), nxt1.to(tl.float32), nxt2.to(tl.float32), nxt3.to(tl.float32)
+        ahead = cols + TILE_V
+        last = t + 1 == TILES  # nothing to prefetch on the last tile
+        nxt0 = tl.load(ptr0 + ahead, mask=ahead < tl.where(last, 0, lim0), other=float("-inf"))
+        if ROWS > 1:
+            nxt1 = tl.load(ptr1 + ahead, mask=ahead < tl.where(last, 0, lim1), other=float("-inf"))
+        if ROWS > 2:
+            nxt2 = tl.load(ptr2 + ahead, mask=ahead < tl.where(last, 0, lim2), other=float("-inf"))
+            nxt3 = tl.load(ptr3 + ahead, mask=ahead < tl.where(last, 0, lim3), other=float("-inf"))
+        if any_sampled:  # a uniform branch: all-greedy programs skip the noise
+            col_hash = _value_hash(cols.to(tl.uint32))  # shared by the rows
+            x0 = _gumbel_score(x0, col_hash, sampled0, coef0, key0, APPROX_LOG)
+            if ROWS > 1:
+                x1 = _gumbel_score(x1, col_hash, sampled1, coef1, key1, APPROX_LOG)
+            if ROWS > 2:
+                x2 = _gumbel_score(x2, col_hash, sampled2, coef2, key2, APPROX_LOG)
+                x3 = _gumbel_score(x3, col_hash, sampled3, coef3, key3, APPROX_LOG)
+        val0, idx0 = _best_update(val0, idx0, x0, cols)
+        if ROWS > 1:
+            val1, idx1 = _best_update(val1, idx1, x1, cols)
+        if ROWS > 2:
+            val2, idx2 = _best_update(val2, idx2, x2, cols)
+            val3, idx3 = _best_update(val3, idx3, x3, cols)
 
-    top, idx = _row_argmax(best_val, best_idx)
-    if DIRECT:
-        tl.store(out_ptr + rows, idx.to(tl.int64), mask=row_ok)
-    else:
-        part = rows.to(tl.int64) * num_chunks + chunk
-        tl.store(part_val_ptr + part, top, mask=row_ok)
-        tl.store(part_idx_ptr + part, idx, mask=row_ok)
+    _store_row(part_val_ptr, part_idx_ptr, out_ptr, row0, ok0, chunk, num_chunks, val0, idx0, DIRECT)
+    if ROWS > 1:
+        _store_row(part_val_ptr, part_idx_ptr, out_ptr, row0 + 1, ok1, chunk, num_chunks, val1, idx1, DIRECT)
+    if ROWS > 2:
+        _store_row(part_val_ptr, part_idx_ptr, out_ptr, row0 + 2, ok2, chunk, num_chunks, val2, idx2, DIRECT)
+        _store_row(part_val_ptr, part_idx_ptr, out_ptr, row0 + 3, ok3, chunk, num_chunks, val3, idx3, DIRECT)
 
 
 @triton.jit
@@ -184,19 +236,17 @@ def _gumbel_reduce_kernel(part_val_ptr,  # [B, S] fp32
 # ----------------------------------------------------------------------------------------------
 
 def sampler_config(batch: int, vocab: int, device: torch.device) -> dict:
-    """rows per program, tile width, tiles per program, warps, pipeline stages: depends only on (batch, vocab,
-    device)."""
+    """rows per program, tile width, tiles per program, warps: depends only on (batch, vocab, device)."""
     rows = min(4, triton.next_power_of_2(max(batch, 1)))
     if device.type != "cuda":  # interpreter: few, wide programs
-        return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1,
-                "stages": 1}
+        return {"rows": rows, "tile_v": min(64, triton.next_power_of_2(vocab)), "tiles": 4, "num_warps": 1}
     tile_v = 1024 if rows <= 2 else 512
     sms = cuda_sm_count(device)
     groups, num_tiles = triton.cdiv(batch, rows), triton.cdiv(vocab, tile_v)
     # ~16 programs per SM; no software pipelining (H100 sweep, fused_bench --sweep: B=256 59.7 us with 8 tiles
     # and 1 stage, 63.2 with 18 tiles, 61-67 with 2-3 stages)
     tiles = max(1, min(64, triton.cdiv(groups * num_tiles, 16 * sms)))
-    return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4, "stages": 1}
+    return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4}
 
 
 def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -229,6 +279,8 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     if batch == 0:
         return out
     cfg = config or sampler_config(batch, vocab, logits.device)
+    if cfg["rows"] not in (1, 2, 4):
+        raise ValueError(f"sampler config rows={cfg['rows']}: the kernel unrolls 1, 2 or 4 rows per program")
     chunk = cfg["tile_v"] * cfg["tiles"]
     num_chunks = triton.cdiv(vocab, chunk)
     direct = num_chunks == 1
@@ -241,7 +293,7 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     pdl = use_pdl(logits)
     _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
         logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0), cfg["tiles"],
-        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], STAGES=cfg.get("stages", 1), DIRECT=direct, APPROX_LOG=approx,
+        ROWS=cfg["rows"], TILE_V=cfg["tile_v"], DIRECT=direct, APPROX_LOG=approx,
         **pdl_launch(pdl), num_warps=cfg["num_warps"])
     if not direct:
         _gumbel_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks,
@@ -258,7 +310,7 @@ def warmup(vocab: int, max_batch: int, dtype: torch.dtype, device: torch.device)
     for batch in range(1, max_batch + 1):
         cfg = sampler_config(batch, vocab, device)
         num_chunks = triton.cdiv(vocab, cfg["tile_v"] * cfg["tiles"])
-        key = (cfg["rows"], cfg["tile_v"], cfg["num_warps"], cfg["stages"], num_chunks == 1,
+        key = (cfg["rows"], cfg["tile_v"], cfg["num_warps"], num_chunks == 1,
                triton.next_power_of_2(num_chunks))
         keys.setdefault(key, batch)
     for batch in keys.values():
