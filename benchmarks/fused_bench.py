@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 from nanovllm.kernels import activation, norm, rope_store, sampling
 from nanovllm.kernels import triton_attention as ta
+from nanovllm.kernels.torch_attention import new_kv_cache
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, BLOCK_SIZE = 1024, 3072, 16, 8, 128, 151936, 256
 DTYPE, EPS, REPS = torch.bfloat16, 1e-6, 20
@@ -139,15 +140,16 @@ def rope_case(n: int, kv_fp8: bool = False):
     qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE)
     q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
     q, k, v = q.view(n, HEADS, HEAD_DIM), k.view(n, KV_HEADS, HEAD_DIM), v.view(n, KV_HEADS, HEAD_DIM)
-    num_blocks = triton.cdiv(n, BLOCK_SIZE) + 1
+    # The engine's cache layouts (fp8: token-contiguous V); decode-like slots: each token in a page of its own
+    num_blocks = n + 1
     cache_dtype = torch.float8_e4m3fn if kv_fp8 else DTYPE
-    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda").to(cache_dtype)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache, v_cache = new_kv_cache(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, cache_dtype, "cuda")
     scales = {}
     if kv_fp8:
         shape = ta.kv_scale_shape(k_cache)
         scales = {"k_scale": torch.ones(shape, device="cuda"), "v_scale": torch.ones(shape, device="cuda")}
-    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:n].to(torch.int32)
+    slots = (torch.randperm(num_blocks, device="cuda")[:n] * BLOCK_SIZE
+             + torch.randint(0, BLOCK_SIZE, (n,), device="cuda")).to(torch.int32)
     positions = torch.randint(0, 40960, (n,), device="cuda")
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
     freqs = torch.outer(torch.arange(40960, device="cuda").float(), inv_freq)
@@ -226,6 +228,8 @@ def main() -> None:
     if args.sweep:
         sweep_sampler()
     cases = [sampler_case(1), sampler_case(256), greedy_sampler_case(256)]
+    if args.sampler_only:
+        cases += [rope_case(256), rope_case(256, kv_fp8=True)]
     for n in () if args.sampler_only else (1, 256, 4096):
         cases += [rms_norm_case(n), add_rms_norm_case(n), silu_case(n), rope_case(n)]
     if hasattr(ta, "kv_scale_shape") and not args.sampler_only:

@@ -34,6 +34,7 @@ from nanovllm.kernels.torch_attention import (
     FP8_DTYPE,
     decode_attention_torch,
     kv_scale_shape,
+    new_kv_cache,
     quantize_fp8_torch,
     store_kvcache_torch,
     varlen_attention_torch,
@@ -48,22 +49,27 @@ LOOSE_REL = 0.06  # rel. Frobenius error of attention over fp8 K/V vs the unquan
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-def fp8_cache(shape, token_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-poisoned fp8 cache (code 0x7F) and its NaN-poisoned scales. token_major: the engine's V layout
+NAN_CODE, MAX_CODE = 0x7F, 0x7E  # float8_e4m3fn NaN and 448
+
+
+def fp8_cache(shape, token_major: bool = False, code: int = NAN_CODE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisoned fp8 cache (every code `code`) and its NaN-poisoned scales. token_major: the engine's V layout
     (storage [blocks, heads, head_dim, block_size], torch_attention.new_kv_cache), viewed as `shape`."""
     blocks, block_size, heads, head_dim = shape
     if token_major:
-        cache = torch.full((blocks, heads, head_dim, block_size), 0x7F, dtype=torch.uint8, device=DEV)
+        cache = torch.full((blocks, heads, head_dim, block_size), code, dtype=torch.uint8, device=DEV)
         cache = cache.view(FP8_DTYPE).permute(0, 3, 1, 2)
     else:
-        cache = torch.full(shape, 0x7F, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
+        cache = torch.full(shape, code, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
     return cache, torch.full(kv_scale_shape(cache), NAN, device=DEV)
 
 
 class Fp8Paged:
-    """Sequences in random distinct blocks of NaN-poisoned fp8 caches (+ scales), and the same K/V unquantised
-    in caches of the input dtype. Unused block-table entries hold stale block ids (`stale` = far out of range).
-    V is token-contiguous as in the engine unless v_token_major=False."""
+    """Sequences in random distinct blocks of poisoned fp8 caches, and the same K/V unquantised in caches of the
+    input dtype. Unused block-table entries hold stale block ids (`stale` = far out of range). K codes and all
+    scales are NaN-poisoned; V codes hold the largest finite code, 448 (the kernels' contract: V past a sequence
+    is read and multiplied by zero, so it must be finite). V is token-contiguous as in the engine unless
+    v_token_major=False."""
 
     def __init__(self, lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                  gen: torch.Generator, stale: int | None = None, first_block: int = 0, v_token_major: bool = True):
@@ -72,7 +78,7 @@ class Fp8Paged:
         num_blocks = first_block + sum(need) + 3
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k, self.k_scale = fp8_cache(shape)
-        self.v, self.v_scale = fp8_cache(shape, token_major=v_token_major)
+        self.v, self.v_scale = fp8_cache(shape, token_major=v_token_major, code=MAX_CODE)
         self.k_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         self.v_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         perm = (torch.randperm(num_blocks - first_block, generator=gen) + first_block).tolist()
@@ -327,6 +333,15 @@ def test_fp8_attention_with_head_dim_contiguous_v():
     """The kernels follow V's strides: a head_dim-contiguous fp8 V gives the same results as the engine's layout."""
     check_decode([95, 200, 7], 16, 8, 64, 64, torch.float32, seed=7, v_token_major=False)
     check_prefill([16, 7, 1], [80, 23, 50], 6, 2, 32, 64, torch.float32, seed=8, v_token_major=False)
+
+
+def test_new_kv_cache_layouts():
+    """fp8: V token-contiguous and the storage zero-filled (finite codes past every sequence); bf16: plain."""
+    k, v = new_kv_cache(3, 16, 2, 32, FP8_DTYPE, "cpu")
+    assert k.shape == v.shape == (3, 16, 2, 32) and k.stride(3) == 1 and v.stride(1) == 1
+    assert not k.view(torch.uint8).any() and not v.view(torch.uint8).any()
+    k, v = new_kv_cache(3, 16, 2, 32, torch.bfloat16, "cpu")
+    assert k.is_contiguous() and v.is_contiguous()
 
 
 @interp

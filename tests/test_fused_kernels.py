@@ -120,7 +120,7 @@ def test_uniform_bits_match_sampling_rng():
 def test_neg_log2_uniform_relative_error():
     """-log2(u) keeps a small relative error on the whole uniform grid, also next to 1 (the series branch) and
     with the hardware lg2.approx on GPUs (relative error <= 2**-22 / |log2 u| outside the series branch, whose
-    truncation error is <= 2**-20)."""
+    truncation error is <= 2**-17.6)."""
     grid = (torch.arange(2**23, dtype=torch.float64) + 0.5) * 2.0**-23
     u = torch.cat([grid[:64], grid[-4096:], grid[::2049], torch.tensor([0.5, 15 / 16, 15 / 16 + 2**-24])])
     u = u.float()
@@ -129,7 +129,7 @@ def test_neg_log2_uniform_relative_error():
     _neg_log2_probe_kernel[(1,)](u.to(DEV), out, u.numel(), BLOCK=block, APPROX=HAS_CUDA)
     exact = -torch.log2(u.double())
     rel = ((out.cpu().double() - exact) / exact).abs()
-    assert rel.max().item() < (1.2e-5 if HAS_CUDA else 1.2e-6), f"max relative error {rel.max().item():.2e}"
+    assert rel.max().item() < (4.5e-5 if HAS_CUDA else 6e-6), f"max relative error {rel.max().item():.2e}"
 
 
 SAMPLER_CASES = [(1, 7), (5, 33), (6, 300), (33, 65), (3, 1000)]  # (B, V); V > 256 spans several chunks

@@ -55,10 +55,13 @@ def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: 
     head_dim, block_size] (a permuted view is returned). Why: P.V reduces over tokens, and 8-bit tensor-core
     operands must be contiguous along the reduced dim (16-bit ones are transposed by ldmatrix), so token-contiguous
     fp8 V lets the attention kernels load V tiles with wide loads instead of byte by byte.
-    storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view."""
+    storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view. A new fp8
+    storage is zero-filled: the attention kernels read the unused rest of a sequence's last page (times zero), so
+    its codes must be finite (triton_attention module doc)."""
     numel = num_blocks * block_size * num_kv_heads * head_dim
     if storage is None:
-        storage = torch.empty(2, numel, dtype=dtype, device=device)
+        alloc = torch.zeros if dtype == FP8_DTYPE else torch.empty
+        storage = alloc(2, numel, dtype=dtype, device=device)
     k = storage[0].view(num_blocks, block_size, num_kv_heads, head_dim)
     if dtype != FP8_DTYPE:
         return k, storage[1].view(num_blocks, block_size, num_kv_heads, head_dim)

@@ -6,6 +6,9 @@ its counterpart in torch_attention.py. All launches are free of host syncs; deco
 
 FP8 KV cache: pass k_scale / v_scale (float32, kv_scale_shape(k_cache) = [num_blocks, num_kv_heads, block_size])
 with float8_e4m3fn caches; the format and the per-(token, head) scale choice are described in torch_attention.py.
+Attention reads whole tiles unmasked and zeroes the scores and v_scale of keys past a sequence's length, so the
+V codes there (rest of its last page) must be finite: new_kv_cache zero-fills fp8 caches and the store kernels
+never write a NaN code (their clamp drops NaN), so the engine's caches always are.
 The store quantises in the same pass (exact round-to-nearest-even e4m3 encoding in integer arithmetic, bit-equal
 to torch's cast, also under the CPU interpreter whose float8 cast is not). Prefill and decode load fp8 tiles,
 convert them to q's dtype in registers for tl.dot, and fold the scales into the scores (qk * k_scale per key)
@@ -74,9 +77,10 @@ def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, l
               stride_cblk, stride_cslot, stride_vblk, stride_vslot, stride_vd, stride_sblk,
               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr):
     """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale).
-    Loads are never masked (a masked load of the token-contiguous V goes byte by byte): every row read lies in an
-    allocated page (the tile's page, or page 0 for rows past `limit` without ONE_PAGE). MASKED: rows at or past
-    `limit` may hold stale or NaN codes, so their V and v_scale are zeroed; callers mask their scores."""
+    Loads are never masked (a masked load of the token-contiguous V goes byte by byte, and a separate masked last
+    tile would leave the pipeline): every row read lies in an allocated page (the tile's page, or page 0 for rows
+    past `limit` without ONE_PAGE). MASKED: v_scale of rows at or past `limit` is zeroed, so those rows add
+    p * 0 * v = 0 as long as their V codes are finite (module doc); callers mask their scores."""
     page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
     rows = page * stride_cblk + in_page.to(tl.int64) * stride_cslot
     v_ptrs = v_head + (page * stride_vblk + in_page.to(tl.int64) * stride_vslot)[:, None] + offs_d[None, :] * stride_vd
@@ -86,9 +90,7 @@ def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, l
     ks = tl.load(ks_head + srows)
     vs = tl.load(vs_head + srows)
     if MASKED:
-        ok = start + offs_n < limit
-        v = tl.where(ok[:, None], v, 0.0)
-        vs = tl.where(ok, vs, 0.0)
+        vs = tl.where(start + offs_n < limit, vs, 0.0)
     return k, v, ks * qk_scale, vs
 
 
@@ -431,14 +433,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
         qc = q.to(KV_DTYPE)  # bf16 queries: fp8 converts to fp16 in hardware, so the dots run in fp16
         ks_head = k_scale_ptr + kvh * stride_sh
         vs_head = v_scale_ptr + kvh * stride_sh
-        full_hi = tl.minimum(tile_hi, ctx_len // TILE_N)  # tiles wholly inside the context: no masks
-        for t in tl.range(tile_lo, full_hi, num_stages=NUM_STAGES):
-            k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, t * TILE_N, offs_n, offs_d, ctx_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
-                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, False)
-            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
-            acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
-        for t in tl.range(tl.maximum(tile_lo, full_hi), tile_hi, num_stages=1):  # the partial last tile, if any
+        for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):  # one pipelined loop, the partial tile too
             start = t * TILE_N
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
                                      qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,

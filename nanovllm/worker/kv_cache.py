@@ -71,7 +71,8 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 
 def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> KVCache:
-    data = torch.empty(spec.shape(num_blocks), dtype=spec.dtype, device=device)
+    # fp8: zero-filled, the attention kernels read the finite codes past each sequence's end (times zero)
+    data = (torch.zeros if spec.fp8 else torch.empty)(spec.shape(num_blocks), dtype=spec.dtype, device=device)
     scales = torch.empty(spec.scale_shape(num_blocks), dtype=torch.float32, device=device) if spec.fp8 else None
     return KVCache(spec, data, scales)
 
