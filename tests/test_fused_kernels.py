@@ -28,7 +28,7 @@ from nanovllm.kernels.activation import silu_and_mul, silu_and_mul_torch
 from nanovllm.kernels.norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch
 from nanovllm.kernels.sampling import GREEDY_EPS, gumbel_scores_torch, sample_gumbel, sample_gumbel_torch
-from nanovllm.layers.sampling_rng import seeded_exponential, seeded_uniform
+from nanovllm.layers.sampling_rng import seeded_exponential, seeded_uniform, value_hash
 
 SMALL_DTYPES = [torch.float32, torch.float16]
 MIN_EXACT = 0.95
@@ -114,6 +114,15 @@ def test_uniform_bits_match_sampling_rng():
     _uniform_probe_kernel[(len(seeds),)](seeds.to(DEV), positions.to(DEV), out, vocab,
                                          V_P2=triton.next_power_of_2(vocab))
     assert torch.equal(out.cpu(), seeded_uniform(seeds, positions, vocab))
+
+
+def test_column_hashes_table():
+    """The kernel's column-hash table is sampling_rng.value_hash as int32 bit patterns, built once per key."""
+    table = sampling.column_hashes(1000, torch.device("cpu"))
+    expected = value_hash(torch.arange(1000, dtype=torch.int64))
+    assert table.dtype == torch.int32 and torch.equal(table.to(torch.int64) & 0xFFFFFFFF, expected)
+    assert (expected >= 2**31).any(), "the bit patterns above 2**31 are covered"
+    assert sampling.column_hashes(1000, torch.device("cpu")) is table
 
 
 @interp

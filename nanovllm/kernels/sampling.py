@@ -8,7 +8,8 @@ with Exp = -log(u)) written in the log domain, so the same seeds sample the same
 
 Kernel layout: grid (row groups, vocabulary chunks). A program takes ROWS (1, 2 or 4) rows x one chunk, walks
 the chunk in tiles, and keeps per-lane running (best score, its index) per row; the column half of the hash is
-computed once per column and shared by the rows (rows are unrolled so each lane holds every row of its columns).
+read from a per-(vocab, device) table (column_hashes) and shared by the rows (rows are unrolled, so each lane
+holds every row of its columns).
 A second tiny kernel reduces the per-chunk winners of each row (skipped when the vocabulary fits one chunk). The
 grid depends only on (B, V): no host syncs, CUDA-graph safe.
 
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch import cuda_sm_count, pdl_launch, use_pdl, wait_for_previous_kernel
-from nanovllm.layers.sampling_rng import seeded_uniform
+from nanovllm.layers.sampling_rng import seeded_uniform, value_hash
 
 GREEDY_EPS = 1e-5
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -150,13 +151,14 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
                            part_val_ptr,  # [B, S] fp32 (unused when DIRECT)
                            part_idx_ptr,  # [B, S] int32 (unused when DIRECT)
                            out_ptr,      # [B] int64 (written only when DIRECT)
+                           col_hash_ptr,  # [V] int32: sampling_rng.value_hash of each column (column_hashes)
                            num_rows, vocab, stride_b,
                            TILES,  # tiles per program: a runtime value, so batch sizes share one compiled kernel
                            ROWS: tl.constexpr, TILE_V: tl.constexpr,
                            DIRECT: tl.constexpr, APPROX_LOG: tl.constexpr, USE_PDL: tl.constexpr):
     # The ROWS (1, 2 or 4) rows are unrolled by hand, not a [ROWS, TILE_V] block: each lane then holds every row
-    # of its columns, so the column half of the hash is computed once per column, and a row's temperature, key
-    # and greedy flag are scalars. Rows r >= ROWS are never touched.
+    # of its columns, so the column half of the hash (a table read, not ~11 integer ops) serves them all, and a
+    # row's temperature, key and greedy flag are scalars. Rows r >= ROWS are never touched.
     wait_for_previous_kernel(USE_PDL)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -194,7 +196,7 @@ def _gumbel_partial_kernel(logits_ptr,   # [B, V] any row stride, last dim conti
             nxt2 = tl.load(ptr2 + ahead, mask=ahead < tl.where(last, 0, lim2), other=float("-inf"))
             nxt3 = tl.load(ptr3 + ahead, mask=ahead < tl.where(last, 0, lim3), other=float("-inf"))
         if any_sampled:  # a uniform branch: all-greedy programs skip the noise
-            col_hash = _value_hash(cols.to(tl.uint32))  # shared by the rows
+            col_hash = tl.load(col_hash_ptr + cols, mask=cols < vocab, other=0).to(tl.uint32, bitcast=True)
             x0 = _gumbel_score(x0, col_hash, sampled0, coef0, key0, APPROX_LOG)
             if ROWS > 1:
                 x1 = _gumbel_score(x1, col_hash, sampled1, coef1, key1, APPROX_LOG)
@@ -250,6 +252,26 @@ def sampler_config(batch: int, vocab: int, device: torch.device) -> dict:
     return {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 4}
 
 
+_COLUMN_HASHES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def column_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """[vocab] int32: sampling_rng.value_hash of every vocabulary index (the column half of each logit's hash),
+    built once per (vocab, device) and kept, so the kernel reads it instead of re-hashing every column in every
+    row group. Built outside CUDA graph capture (warmup does it first)."""
+    key = (vocab, str(device))
+    table = _COLUMN_HASHES.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the sampler's column-hash table for vocab {vocab} on {device} does not exist yet and "
+                               "cannot be built during CUDA graph capture: call nanovllm.kernels.sampling.warmup "
+                               "(or sample once) before capturing")
+        hashes = value_hash(torch.arange(vocab, dtype=torch.int64, device=device))  # uint32 values in int64
+        table = torch.where(hashes >= 2**31, hashes - 2**32, hashes).to(torch.int32)
+        _COLUMN_HASHES[key] = table
+    return table
+
+
 def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
                   positions: torch.Tensor, out: torch.Tensor | None) -> None:
     if logits.dim() != 2 or logits.stride(-1) != 1 or logits.dtype not in (torch.float32, torch.float16,
@@ -293,7 +315,8 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     approx = logits.device.type == "cuda" and torch.version.hip is None
     pdl = use_pdl(logits)
     _gumbel_partial_kernel[(triton.cdiv(batch, cfg["rows"]), num_chunks)](
-        logits, temperatures, seeds, positions, part_val, part_idx, out, batch, vocab, logits.stride(0), cfg["tiles"],
+        logits, temperatures, seeds, positions, part_val, part_idx, out, column_hashes(vocab, logits.device), batch,
+        vocab, logits.stride(0), cfg["tiles"],
         ROWS=cfg["rows"], TILE_V=cfg["tile_v"], DIRECT=direct, APPROX_LOG=approx,
         **pdl_launch(pdl), num_warps=cfg["num_warps"])
     if not direct:
@@ -306,7 +329,7 @@ def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
 def warmup(vocab: int, max_batch: int, dtype: torch.dtype, device: torch.device) -> int:
     """Compile, once, every kernel variant sample_gumbel can pick for batches 1..max_batch (variants differ by rows
     per program, tile width, direct vs split, and the reduce width), so no compilation lands in a timed step.
-    Returns the number of variants."""
+    Builds the column-hash table too. Returns the number of variants."""
     keys = {}
     for batch in range(1, max_batch + 1):
         cfg = sampler_config(batch, vocab, device)
