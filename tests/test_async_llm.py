@@ -114,8 +114,11 @@ def test_streams_add_up_to_generate_outputs(llm, expected):
             assert g["finished"][-1] and not any(g["finished"][:-1])
             if "logprobs" in sample:
                 assert [e.keys() for e in g["logprobs"]] == [e.keys() for e in sample["logprobs"]]
-                assert all(lp == pytest.approx(sample["logprobs"][i][t], abs=1e-4)
-                           for i, e in enumerate(g["logprobs"]) for t, lp in e.items())
+                # float32 sums round differently in a batch of four than alone (and on another thread's BLAS
+                # partitioning): equal up to rounding that grows with |logprob|
+                diffs = [(i, t, lp, sample["logprobs"][i][t]) for i, e in enumerate(g["logprobs"])
+                         for t, lp in e.items() if lp != pytest.approx(sample["logprobs"][i][t], abs=1e-4, rel=1e-4)]
+                assert not diffs, f"(position, token, streamed, generate) differing: {diffs}"
     assert expected[2]["finish_reason"] == "stop"  # the stop string was hit: the case is exercised
 
 
