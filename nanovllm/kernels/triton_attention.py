@@ -236,7 +236,9 @@ def _kernel_cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: to
 # Prefill: varlen causal attention, K/V always read through the block table
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["stride_bt"])  # block-table width changes every step: compile once
+# The block-table width changes every step, and the step's cu_seqlens / block-table slices are 16-byte aligned or
+# not by chance: without these, bench.py compiled 3 more variants (4.3 s) inside its timed run. Scalar loads only.
+@triton.jit(do_not_specialize=["stride_bt", "cu_q_ptr", "cu_k_ptr", "bt_ptr"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr, bt_ptr,
                     k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                     qk_scale,
@@ -391,7 +393,7 @@ def _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N: tl.constexpr):
     return num_splits, per_split
 
 
-@triton.jit(do_not_specialize=["stride_bt", "max_splits"])
+@triton.jit(do_not_specialize=["stride_bt", "max_splits", "ctx_ptr", "bt_ptr"])  # as _prefill_kernel's
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    ctx_ptr, bt_ptr,
                    k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
@@ -467,7 +469,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
     tl.store(part_lse_ptr + part_row, lse, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ctx_ptr"])
 def _decode_merge_kernel(out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, stride_ob, stride_oh,
                          max_splits, min_split_tiles,
                          HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, TILE_N: tl.constexpr,
