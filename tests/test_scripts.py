@@ -128,3 +128,5 @@ def test_random_checkpoint_tokenizer_round_trips_with_qwen_special_ids():
 def test_benchmark_scripts_run_as_modules_without_path_edits():
     proc = run_script("-m", "benchmarks.hf_compare", "--help", timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr[-2000:]
+    proc = run_script("-m", "benchmarks.cold_start", "--help", timeout=60)  # passes bench.py's arguments through
+    assert proc.returncode == 0 and "--kv-cache-dtype" in proc.stdout, proc.stderr[-2000:]
