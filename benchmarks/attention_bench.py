@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 from nanovllm.kernels import triton_attention as ta
+from nanovllm.kernels.torch_attention import new_kv_cache
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 256, torch.bfloat16
 BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096)
@@ -32,19 +33,19 @@ def kv_bytes_per_token() -> int:
     return 2 * KV_HEADS * (HEAD_DIM + 4) if FP8 else 2 * KV_HEADS * HEAD_DIM * 2
 
 
-def random_cache(shape: tuple, value: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random cache in the benchmark's KV dtype and, for fp8, random float32 scales; an fp8 V cache in the engine's
-    token-contiguous layout (torch_attention.new_kv_cache)."""
+def random_kv(shape: tuple) -> tuple[tuple, tuple]:
+    """((k, k_scale), (v, v_scale)): random caches [blocks, block_size, heads, head_dim] in the engine's layouts
+    (torch_attention.new_kv_cache) and the benchmark's KV dtype; random float32 scales for fp8, else None."""
+    caches = new_kv_cache(*shape, torch.float8_e4m3fn if FP8 else DTYPE, "cuda")
     if not FP8:
-        return torch.randn(shape, dtype=DTYPE, device="cuda"), None
-    blocks, block_size, heads, head_dim = shape
-    storage = (blocks, heads, head_dim, block_size) if value else shape
-    codes = torch.randint(0, 127, storage, dtype=torch.uint8, device="cuda")  # no NaN code (127)
-    codes |= torch.randint(0, 2, storage, dtype=torch.uint8, device="cuda") << 7
-    codes = codes.view(torch.float8_e4m3fn)
-    if value:
-        codes = codes.permute(0, 3, 1, 2)
-    return codes, torch.rand(ta.kv_scale_shape(codes), device="cuda") / 448 + 1e-3
+        return tuple((c.normal_(), None) for c in caches)
+    out = []
+    for cache in caches:
+        codes = cache.view(torch.uint8)
+        codes.copy_(torch.randint(0, 127, shape, dtype=torch.uint8, device="cuda")  # no NaN code (127)
+                    | torch.randint(0, 2, shape, dtype=torch.uint8, device="cuda") << 7)
+        out.append((cache, torch.rand(ta.kv_scale_shape(cache), device="cuda") / 448 + 1e-3))
+    return tuple(out)
 
 
 def copy_bandwidth() -> float:
@@ -60,8 +61,7 @@ class DecodeInputs:
 
     def __init__(self, max_blocks: int):
         shape = (max_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-        self.k, k_scale = random_cache(shape)
-        self.v, v_scale = random_cache(shape, value=True)
+        (self.k, k_scale), (self.v, v_scale) = random_kv(shape)
         self.scales = {"k_scale": k_scale, "v_scale": v_scale} if FP8 else {}
         self.num_blocks = max_blocks
 
@@ -164,7 +164,7 @@ def prefill_inputs(num_seqs: int, seqlen: int):
     gen = torch.Generator(device="cuda").manual_seed(0)
     width = triton.cdiv(seqlen, BLOCK_SIZE)
     shape = (num_seqs * width, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    (k, k_scale), (v, v_scale) = random_cache(shape), random_cache(shape, value=True)
+    (k, k_scale), (v, v_scale) = random_kv(shape)
     q = torch.randn(num_seqs * seqlen, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     table = torch.randperm(num_seqs * width, device="cuda").view(num_seqs, width).to(torch.int32)
     cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seqlen

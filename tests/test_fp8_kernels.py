@@ -54,13 +54,9 @@ NAN_CODE, MAX_CODE = 0x7F, 0x7E  # float8_e4m3fn NaN and 448
 
 def fp8_cache(shape, token_major: bool = False, code: int = NAN_CODE) -> tuple[torch.Tensor, torch.Tensor]:
     """Poisoned fp8 cache (every code `code`) and its NaN-poisoned scales. token_major: the engine's V layout
-    (storage [blocks, heads, head_dim, block_size], torch_attention.new_kv_cache), viewed as `shape`."""
-    blocks, block_size, heads, head_dim = shape
-    if token_major:
-        cache = torch.full((blocks, heads, head_dim, block_size), code, dtype=torch.uint8, device=DEV)
-        cache = cache.view(FP8_DTYPE).permute(0, 3, 1, 2)
-    else:
-        cache = torch.full(shape, code, dtype=torch.uint8, device=DEV).view(FP8_DTYPE)
+    (token-contiguous, torch_attention.new_kv_cache's v), else head_dim-contiguous (its k)."""
+    cache = new_kv_cache(*shape, FP8_DTYPE, DEV)[1 if token_major else 0]
+    cache.view(torch.uint8).fill_(code)
     return cache, torch.full(kv_scale_shape(cache), NAN, device=DEV)
 
 

@@ -207,16 +207,17 @@ CHI2_999_6DOF = 27.86  # chi-square 0.9999 quantile, 6 degrees of freedom
 
 
 @triton.jit
-def _score_probe_kernel(logits_ptr, seed_ptr, pos_ptr, out_ptr, temperature, n, vocab,
+def _score_probe_kernel(logits_ptr, seed_ptr, pos_ptr, col_hash_ptr, out_ptr, temperature, n, vocab,
                         BLOCK: tl.constexpr, APPROX: tl.constexpr):
-    """out[d, v] = the sampler's score of token v for draw d (its own noise code, one draw per element)."""
+    """out[d, v] = the sampler's score of token v for draw d (its own noise code and column-hash table, one draw
+    per element)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (draw, token)
     ok = offs < n * vocab
     draw, col = offs // vocab, offs % vocab
     key = sampling._row_keys(tl.load(seed_ptr + draw, mask=ok, other=0), tl.load(pos_ptr + draw, mask=ok, other=0))
     x = tl.load(logits_ptr + col, mask=ok, other=0.0)
-    score = sampling._gumbel_score(x, sampling._value_hash(col.to(tl.uint32)), temperature > 0,
-                                   sampling.LOG2E / temperature, key, APPROX)
+    col_hash = tl.load(col_hash_ptr + col, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    score = sampling._gumbel_score(x, col_hash, temperature > 0, sampling.LOG2E / temperature, key, APPROX)
     tl.store(out_ptr + offs, score, mask=ok)
 
 
@@ -239,7 +240,8 @@ def test_sampler_distribution_chi_square(temperature):
         scores = poison((draws, vocab), torch.float32)
         block = 8192
         _score_probe_kernel[(triton.cdiv(draws * vocab, block),)](
-            base.to(DEV), seeds, positions, scores, temperature, draws, vocab, BLOCK=block, APPROX=False)
+            base.to(DEV), seeds, positions, sampling.column_hashes(vocab, torch.device(DEV)), scores, temperature,
+            draws, vocab, BLOCK=block, APPROX=False)
         out = scores.argmax(-1)
     counts = torch.bincount(out.cpu(), minlength=vocab).double()
     expected = torch.softmax(base.double() / temperature, 0) * draws

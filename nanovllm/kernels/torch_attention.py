@@ -48,6 +48,12 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch
     return True
 
 
+def kv_storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Memory for K/V caches of `dtype`: zero-filled for fp8 (the attention kernels read the unused rest of a
+    sequence's last page, times zero, so its codes must be finite: triton_attention module doc), else uninitialised."""
+    return (torch.zeros if dtype == FP8_DTYPE else torch.empty)(shape, dtype=dtype, device=device)
+
+
 def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, storage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(k_cache, v_cache), both [num_blocks, block_size, num_kv_heads, head_dim], in the layouts the engine uses:
@@ -55,13 +61,11 @@ def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: 
     head_dim, block_size] (a permuted view is returned). Why: P.V reduces over tokens, and 8-bit tensor-core
     operands must be contiguous along the reduced dim (16-bit ones are transposed by ldmatrix), so token-contiguous
     fp8 V lets the attention kernels load V tiles with wide loads instead of byte by byte.
-    storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view. A new fp8
-    storage is zero-filled: the attention kernels read the unused rest of a sequence's last page (times zero), so
-    its codes must be finite (triton_attention module doc)."""
+    storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view (else a new
+    kv_storage)."""
     numel = num_blocks * block_size * num_kv_heads * head_dim
     if storage is None:
-        alloc = torch.zeros if dtype == FP8_DTYPE else torch.empty
-        storage = alloc(2, numel, dtype=dtype, device=device)
+        storage = kv_storage((2, numel), dtype, device)
     k = storage[0].view(num_blocks, block_size, num_kv_heads, head_dim)
     if dtype != FP8_DTYPE:
         return k, storage[1].view(num_blocks, block_size, num_kv_heads, head_dim)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nanovllm.config import Config
-from nanovllm.kernels.torch_attention import new_kv_cache
+from nanovllm.kernels.torch_attention import kv_storage, new_kv_cache
 from nanovllm.layers.attention import Attention, LayerKVCache
 from nanovllm.models.utils import head_dim_of
 
@@ -71,8 +71,7 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 
 def allocate(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> KVCache:
-    # fp8: zero-filled, the attention kernels read the finite codes past each sequence's end (times zero)
-    data = (torch.zeros if spec.fp8 else torch.empty)(spec.shape(num_blocks), dtype=spec.dtype, device=device)
+    data = kv_storage(spec.shape(num_blocks), spec.dtype, device)
     scales = torch.empty(spec.scale_shape(num_blocks), dtype=torch.float32, device=device) if spec.fp8 else None
     return KVCache(spec, data, scales)
 
