@@ -14,9 +14,6 @@ the H100's measured copy bandwidth (shared/reference/GPU.md).
     python3 -m benchmarks.gemv_bench            # table / default configs; markdown table last
     python3 -m benchmarks.gemv_bench --sweep    # first tries configs per shape and M (--sweep-ms) within --budget
                                                 # seconds and prints the best as a dict for gemv.CONFIGS
-    python3 -m benchmarks.gemv_bench --mid 128,256  # mid-M (decode at large batch): sweep the Qwen3-0.6B layer
-                                                # shapes at these M, print the entries, then time 28 layers' GEMMs
-                                                # chained in one CUDA graph: cuBLAS (+ silu_and_mul) vs ours
 """
 from __future__ import annotations
 
@@ -98,32 +95,6 @@ def config(block_n: int, block_k: int, n: int, k: int, warps: int, stages: int, 
             "dot": dot}
 
 
-def mid_config(block_m: int, block_n: int, block_k: int, n: int, k: int, m: int, warps: int, stages: int,
-               sms: int, split: int | None = None, prefetch: bool = True) -> dict:
-    if split is None:
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-        split = gemv.split_for(tiles, k, block_k, sms)
-    split = gemv.k_chunks(k, split, block_k)[1]
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
-            "dot": True, "BLOCK_M": block_m, "prefetch": prefetch}
-
-
-def mid_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
-    """Mid-M tilings (tensor cores, M tiled): output tiles [BLOCK_N, BLOCK_M] from 64 x 64 to 128 x 256, split K
-    as the default rule would (or none), with and without the L2 prefetch before the PDL wait."""
-    bm_max = max(16, gemv.m_bucket(m))
-    shapes = [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 64, 64, 4, 4), (128, 64, 128, 4, 3),
-              (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (32, 64, 128, 4, 4)]
-    out = []
-    for bm, bn, bk, warps, stages in shapes:
-        bm = min(bm, bm_max)
-        out.append(mid_config(bm, bn, bk, n, k, m, warps, stages, sms))
-    out += [mid_config(128, 64, 64, n, k, m, 4, 4, sms, split=1), mid_config(64, 64, 64, n, k, m, 4, 4, sms, split=1),
-            mid_config(64, 64, 64, n, k, m, 4, 4, sms, prefetch=False),
-            mid_config(128, 64, 64, n, k, m, 4, 4, sms, prefetch=False)]
-    return list({tuple(sorted(c.items())): c for c in [gemv.default_config(m, n, k, sms)] + out}.values())
-
-
 def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """Configs to try, most promising first (the default leads); split K chosen as the default would. fma: the whole
     K (<= 4096) in one step, from registers (stages 1) or through shared memory (stages 2), at three tile sizes,
@@ -149,7 +120,7 @@ def sweep_one(m: int, n: int, k: int, weights: list[torch.Tensor], deadline: flo
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
     out = torch.empty(m, n, device="cuda", dtype=DTYPE)
     best, best_us, tried = None, float("inf"), 0
-    cands = candidates(m, n, k, sms) if m <= gemv.MAX_M else mid_candidates(m, n, k, sms)
+    cands = candidates(m, n, k, sms)
     for cfg in cands:
         if tried >= 2 and time.monotonic() > deadline:
             break
@@ -189,70 +160,6 @@ def sweep(ms: list[int], budget_s: float, sms: int) -> dict:
         print(f"    {key}: {found[key][0]},")
     print("}")
     return {key: cfg for key, (cfg, _) in found.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Mid-M: 28 Qwen3-0.6B layers' GEMMs in one graph
-# ----------------------------------------------------------------------------------------------
-
-def chain_ms(m: int, configs: dict | None) -> float:
-    """ms for 28 layers of [qkv, o, gate_up, (silu_and_mul,) down] replayed in one CUDA graph with distinct weights
-    per layer (880 MB: streamed from HBM), inputs from fixed buffers. configs None: F.linear (cuBLAS) + a separate
-    silu_and_mul; else small_m_linear with configs[(bucket, N, K)] (gated down projection)."""
-    from nanovllm.kernels.activation import silu_and_mul
-    (_, n_qkv, h), (_, _, n_attn), (_, n_gu, _), _ = QWEN_LAYER_SHAPES
-    layers = [[torch.randn(n, k, device="cuda", dtype=DTYPE).mul_(k ** -0.5) for _, n, k in QWEN_LAYER_SHAPES]
-              for _ in range(QWEN_LAYERS)]
-    x_h, x_attn = (torch.randn(m, d, device="cuda", dtype=DTYPE) for d in (h, n_attn))
-    y_qkv, y_h, y_gu = (torch.empty(m, d, device="cuda", dtype=DTYPE) for d in (n_qkv, h, n_gu))
-
-    def step() -> None:
-        for w_qkv, w_o, w_gu, w_down in layers:
-            if configs is None:
-                F.linear(x_h, w_qkv)  # as the engine calls it (outputs allocated in the graph's pool)
-                F.linear(x_attn, w_o)
-                gu = F.linear(x_h, w_gu)
-                F.linear(silu_and_mul(gu), w_down)
-            else:
-                for x, w, y in ((x_h, w_qkv, y_qkv), (x_attn, w_o, y_h), (x_h, w_gu, y_gu)):
-                    gemv.small_m_linear(x, w, out=y, config=configs.get((gemv.m_bucket(m), *w.shape)))
-                gemv.small_m_linear(y_gu, w_down, out=y_h, gated=True,
-                                    config=configs.get((gemv.m_bucket(m), *w_down.shape)))
-    step()
-    ms = do_bench_cudagraph(step, rep=200, return_mode="median")
-    layers.clear()
-    torch.cuda.empty_cache()
-    return ms
-
-
-def mid(ms: list[int], budget_s: float, sms: int) -> None:
-    print(f"\n## Mid-M sweep (M = {ms}, budget {budget_s:.0f} s)")
-    start, found, cublas_us = time.monotonic(), {}, {}
-    pairs = [(shape, m) for shape in QWEN_LAYER_SHAPES for m in ms]
-    for i, ((name, n, k), m) in enumerate(pairs):
-        if i == 0 or pairs[i - 1][0] != (name, n, k):
-            weights = weight_sets(n, k)
-        deadline = time.monotonic() + (budget_s - (time.monotonic() - start)) / (len(pairs) - i)
-        best, us = sweep_one(m, n, k, weights, deadline, sms)
-        x = torch.randn(m, k, device="cuda", dtype=DTYPE)
-        cublas_us[(name, m)] = time_per_call(cublas(x), weights, rep_ms=20)
-        if best is not None:
-            found[(gemv.m_bucket(m), n, k)] = (best, us)
-            print(f"  {name} M={m}: ours {us:.2f} us vs cuBLAS {cublas_us[(name, m)]:.2f} us {best}", flush=True)
-    del weights
-    torch.cuda.empty_cache()
-    print("\n# mid-M entries for gemv.CONFIGS (only those faster than cuBLAS):")
-    for (bucket, n, k), (cfg, us) in sorted(found.items()):
-        name = next(s[0] for s in QWEN_LAYER_SHAPES if s[1:] == (n, k))
-        mark = "" if us < cublas_us[(name, bucket)] else "  # slower than cuBLAS"
-        print(f"    {(bucket, n, k)}: {cfg},{mark}")
-    configs = {key: cfg for key, (cfg, _) in found.items()}
-    print("\n## 28 layers' GEMMs in one CUDA graph (ms per decode step)")
-    print("| M | cuBLAS + silu_and_mul | ours (swept) | ours, no L2 prefetch | saved |\n|---|---|---|---|---|")
-    for m in ms:
-        no_pf = {key: dict(cfg, prefetch=False) for key, cfg in configs.items()}
-        ref, new, plain = chain_ms(m, None), chain_ms(m, configs), chain_ms(m, no_pf)
-        print(f"| {m} | {ref:.3f} | {new:.3f} | {plain:.3f} | {ref - min(new, plain):.3f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,16 +211,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds for the whole sweep")
     parser.add_argument("--ms", default="1,2,4,8,16", help="batch sizes M timed (comma-separated, <= 16)")
     parser.add_argument("--sweep-ms", default="1,2,4,8", help="batch sizes M swept")
-    parser.add_argument("--mid", default="", help="mid-M batch sizes (> 16): sweep the layer shapes + chain timing")
     args = parser.parse_args()
     ms, sweep_ms = ([int(v) for v in arg.split(",")] for arg in (args.ms, args.sweep_ms))
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB; "
           f"torch {torch.__version__}, triton {triton.__version__}")
-    if args.mid:
-        mid([int(v) for v in args.mid.split(",")], args.budget, props.multi_processor_count)
-        return
     tuned = sweep(sweep_ms, args.budget, props.multi_processor_count) if args.sweep else {}
     print("\n## Timing (cuBLAS, table/default config" + (", swept best)" if tuned else ")"))
     print_tables(measure(ms, tuned), ms)

@@ -25,7 +25,6 @@ from kernel_harness import (
 from nanovllm.kernels import activation, gemv
 from nanovllm.kernels.gemv import (
     MAX_M,
-    MID_MAX_M,
     check_config,
     default_config,
     small_m_linear,
@@ -166,7 +165,7 @@ def test_torch_reference_rounds_once():
 def test_bad_inputs_raise():
     x, w = torch.zeros(2, 8), torch.zeros(5, 8)
     cases = [  # (x, weight, bias, out, message)
-        (torch.zeros(MID_MAX_M + 1, 8), w, None, None, "at most"),
+        (torch.zeros(MAX_M + 1, 8), w, None, None, "at most"),
         (torch.zeros(2, 8, 1), w, None, None, r"\[M, K\]"),
         (torch.zeros(8, 2).t(), w, None, None, "contiguous last dim"),
         (x, torch.zeros(5, 9), None, None, "weight must be"),
@@ -187,62 +186,10 @@ def test_bad_inputs_raise():
     (cfg(12, 64), "power of 2"),
     (cfg(8, 64, split=0), "SPLIT_K"),
     (cfg(8, 64, dot=True), ">= 16"),
-    (dict(cfg(16, 64, dot=True), BLOCK_M=8), ">= 16"),
-    (dict(cfg(16, 64, dot=True), BLOCK_M=48), "power of 2"),
 ])
 def test_bad_config_raises(bad, match):
     with pytest.raises(ValueError, match=match):
         small_m_linear(torch.zeros(2, 8), torch.zeros(5, 8), config=bad)
-
-
-# Mid-M (M > MAX_M): M tiled by BLOCK_M on the tensor-core path.
-MID_CONFIGS = {
-    "default": None,
-    "mid": dict(cfg(16, 32, dot=True, stages=3), BLOCK_M=16),
-    "mid_split": dict(cfg(16, 32, split=3, dot=True), BLOCK_M=32),
-    "mid_one_step": dict(cfg(32, 128, dot=True), BLOCK_M=16),
-}
-
-
-@interp
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("m", [17, 45])
-@pytest.mark.parametrize("name", list(MID_CONFIGS))
-def test_mid_m_matches_reference(name, m, gated):
-    """Rows past MAX_M: every M tile written once (NaN-poisoned out, a partial last tile), with bias, split K and the
-    gated input; equal to the GEMV of silu_and_mul's output when gated."""
-    gen = torch.Generator().manual_seed(m)
-    k, n = 70, 37
-    x = rand((m, 2 * k if gated else k), torch.float16, gen)
-    w, b = rand((n, k), torch.float16, gen), rand((n,), torch.float16, gen)
-    out = poison((m, n), torch.float16)
-    small_m_linear(x, w, b, out=out, config=MID_CONFIGS[name], gated=gated)
-    act = activation.silu_and_mul_torch(x) if gated else x
-    assert_linear(out, act, w, b)
-    if gated:
-        assert torch.equal(out, small_m_linear(act, w, b, config=MID_CONFIGS[name]))
-
-
-def test_mid_m_refuses_the_fma_path():
-    with pytest.raises(ValueError, match="unrolls its rows"):
-        small_m_linear(torch.zeros(MAX_M + 1, 8), torch.zeros(5, 8), config=cfg(8, 8))
-
-
-@pytest.mark.parametrize("m", [17, 64, 256, 512])
-def test_default_mid_config_fills_an_h100(m):
-    n, k = GPU_SHAPES["qwen3_o"]
-    c = default_config(m, n, k, 132)
-    check_config(c)
-    assert c["dot"] and gemv.block_m_for(m, c) == c["BLOCK_M"]
-    programs = triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]) * c["SPLIT_K"]
-    assert programs >= 132 or c["SPLIT_K"] == k // 256  # K chunks are >= 256 deep
-
-
-def test_mid_m_routes_only_measured_shapes(monkeypatch):
-    assert gemv.takes_rows(MAX_M, 10, 10) and not gemv.takes_rows(MAX_M + 1, 10, 10)
-    monkeypatch.setitem(gemv.CONFIGS, (64, 10, 10), dict(cfg(16, 16, dot=True), BLOCK_M=64))
-    assert gemv.takes_rows(40, 10, 10) and gemv.takes_rows(64, 10, 10)
-    assert not gemv.takes_rows(65, 10, 10) and not gemv.takes_rows(MID_MAX_M + 1, 10, 10)
 
 
 def test_supports_needs_cuda_tensors():
@@ -272,9 +219,8 @@ def test_default_config_fills_an_h100(n, k, m):
 
 def test_config_table_entries_are_valid():
     for (bucket, n, k), c in gemv.CONFIGS.items():
-        assert bucket == gemv.m_bucket(bucket) <= MID_MAX_M and n > 0 and k > 0
+        assert bucket == gemv.m_bucket(bucket) <= MAX_M and n > 0 and k > 0
         check_config(c)
-        assert bucket <= MAX_M or c["dot"], "mid-M entries run on the tensor cores"
 
 
 def test_get_config_prefers_the_table(monkeypatch):
@@ -391,60 +337,3 @@ def test_gpu_supports():
     assert not supports(x, w.t().contiguous().t())
     assert not supports(x.t().contiguous().t(), w)
     assert not supports(x.cpu(), w)
-
-
-def mid(block_m: int, block_n: int, block_k: int, split: int = 1, warps: int = 4, stages: int = 4,
-        prefetch: bool = True) -> dict:
-    return dict(cfg(block_n, block_k, split=split, dot=True, stages=stages, warps=warps), BLOCK_M=block_m,
-                prefetch=prefetch)
-
-
-MID_GPU_CONFIGS = {
-    "default": None, "m128": mid(128, 64, 64), "m64_k128": mid(64, 64, 128, stages=3),
-    "m256_w8": mid(256, 64, 64, warps=8, stages=3), "n128_w8": mid(128, 128, 64, warps=8, stages=3),
-    "split_prefetch": mid(64, 64, 64, split=4), "split_plain": mid(64, 64, 64, split=3, prefetch=False),
-}
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("name", list(MID_GPU_CONFIGS))
-@pytest.mark.parametrize("m, n, k", [(256, 1024, 2048), (200, 6144, 1024), (64, 4096, 1024), (97, 1000, 1032)])
-def test_gpu_mid_m(name, m, n, k):
-    """Decode at large batch: every mid-M tiling (L2 prefetch before the PDL wait, split K, partial M tiles, N and K
-    not multiples of 16) with bias and a strided x, NaN-poisoned out; deterministic."""
-    gen = torch.Generator().manual_seed(m + n)
-    x, w, b = strided_rows(m, k, torch.bfloat16, gen), gpu_inputs(m, n, k, seed=7)[1], rand((n,), torch.bfloat16, gen)
-    out = poison((m, n), torch.bfloat16)
-    small_m_linear(x, w, b, out=out, config=MID_GPU_CONFIGS[name])
-    assert_linear(out, x, w, b)
-    assert torch.equal(out, small_m_linear(x, w, b, config=MID_GPU_CONFIGS[name])), "not deterministic"
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("m", [32, 128, 256, 512])
-def test_gpu_mid_m_gated_in_cuda_graph(m):
-    """The large-batch decode MLP's down projection (table config or default, gated) captured in a CUDA graph with
-    the gate/up projection before it: replays on new inputs equal silu_and_mul + linear bit for bit."""
-    n, k = GPU_SHAPES["qwen3_down"]
-    x, w_gu = gpu_inputs(m, 2 * k, 1024, seed=m)[:2]
-    w = gpu_inputs(m, n, k, seed=m + 1)[1]
-    out = poison((m, n), torch.bfloat16)
-
-    def mlp() -> None:
-        gate_up = small_m_linear(x, w_gu)
-        small_m_linear(gate_up, w, out=out, gated=True)
-    mlp()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mlp()
-    for seed in (3, 4):
-        x.copy_(gpu_inputs(m, 2 * k, 1024, seed=seed)[0])
-        out.fill_(NAN)
-        graph.replay()
-        torch.cuda.synchronize()
-        act = activation.silu_and_mul(small_m_linear(x, w_gu))
-        assert torch.equal(out, small_m_linear(act, w))
-        assert_linear(out, act, w)

@@ -1,4 +1,4 @@
-"""Decode-sized linear: y = x @ W^T (+ b) for x [M, K] with 1 <= M <= MID_MAX_M, streaming W [N, K] once.
+"""Small-M linear for decode: y = x @ W^T (+ b) for x [M, K] with 1 <= M <= MAX_M, streaming W [N, K] once.
 
 At batch 1-16 a linear layer is bound by reading its weight (cuBLAS reaches ~40% of HBM bandwidth there). Each
 program streams a [BLOCK_N, BLOCK_K] tile sequence of W along K (16-byte loads along the contiguous K) and reads the
@@ -11,11 +11,6 @@ num_stages = 1 loads into registers (ptxas then keeps only a few 16-byte loads i
 When N / BLOCK_N alone gives too few programs, K is split into SPLIT_K chunks: each chunk's fp32 partial sums go to a
 workspace and a second small kernel adds them in a fixed order (deterministic), adds the bias and rounds once. The
 grid depends only on the shapes (CUDA-graph safe); no host syncs.
-Mid-M (17..MID_MAX_M rows, decode at large batch): the same swap-AB dot with M tiled by BLOCK_M (grid axis 2). Its
-gains over cuBLAS there are launch-shaped rather than bandwidth-shaped: PDL (optionally with the program's W slab
-prefetched into L2 before the wait, so the weight read overlaps the previous kernel's tail), tilings that fill the
-132 SMs for N = 1024 outputs, and the gated input read (SiLU-and-mul never written). The engine routes mid-M calls
-here only for shapes the sweep measured (CONFIGS); other shapes stay on cuBLAS.
 """
 from __future__ import annotations
 
@@ -29,17 +24,13 @@ import triton.language as tl
 from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul
 from nanovllm.kernels.launch import cuda_sm_count, pdl_launch, use_pdl, wait_for_previous_kernel
 
-MAX_M = 16                # rows of x this path takes for any shape
-MID_MAX_M = 512           # up to this many rows, shapes with a measured CONFIGS entry (M tiled by BLOCK_M)
-DEFAULT_MID_BLOCK_M = 64  # rows of x per program above MAX_M when a config names no BLOCK_M
+MAX_M = 16                # rows of x this path takes; larger batches go to F.linear
 FMA_MAX_M = 4             # default: CUDA-core inner product up to this M, tensor cores above
 TILE_ELEMS = 8192         # default W elements per program per K step (16 KB of bf16)
 MAX_BLOCK_K = 4096        # default: the whole K in one step up to this
 REDUCE_BLOCK = 256        # outputs per program of the split-K reduction
 INTERPRETER_SMS = 4       # nominal SM count for config choice on CPU (the Triton interpreter)
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "dot")
-# Optional keys: "BLOCK_M" (rows of x per program; default: all of M up to 16 rows, else DEFAULT_MID_BLOCK_M) and
-# "prefetch" (ask L2 for the program's W slab before the PDL wait; K-looped configs only).
 
 # Measured configs keyed on (M bucket = next power of 2 of M, N, K); shapes not listed use default_config.
 # Filled from `python3 -m benchmarks.gemv_bench --sweep` on an H100 (paste its printed dict here).
@@ -81,19 +72,18 @@ CONFIGS: dict[tuple[int, int, int], dict] = {
 
 @triton.jit
 def _load_x(x_ptr, m, stride_xm, ks, k_ok, K, GATED: tl.constexpr):
-    """Rows m (scalar or [BLOCK_M, 1]) of the GEMV input at columns ks, in x's dtype: x itself (as loaded, so a
-    tensor-core operand can go straight to shared memory), or (GATED, x = [gate | up] [M, 2K]) silu(gate) * up
-    rounded once to x's dtype, as activation.silu_and_mul would have stored it."""
+    """Rows m (scalar or [BLOCK_M, 1]) of the GEMV input at columns ks, in fp32: x itself, or (GATED, x = [gate | up]
+    [M, 2K]) silu(gate) * up rounded once to x's dtype, as activation.silu_and_mul would have stored it."""
     row = x_ptr + m * stride_xm
     if GATED:
         gate = tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
         up = tl.load(row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-        return silu_mul(gate, up).to(x_ptr.dtype.element_ty)
-    return tl.load(row + ks, mask=k_ok, other=0.0)
+        return silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.load(row + ks, mask=k_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _accumulate(acc, w, x_ptr, M, K, stride_xm, row0, cols, col_ok, ks, k_ok,
+def _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok,
                 BLOCK_M: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += W tile [BLOCK_N, BLOCK_K] @ x[:, ks]^T."""
     if DOT:
@@ -103,23 +93,12 @@ def _accumulate(acc, w, x_ptr, M, K, stride_xm, row0, cols, col_ok, ks, k_ok,
         acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=PRECISION)
     else:
         wf = w.to(tl.float32)
-        for i in tl.static_range(BLOCK_M):
-            # Rows >= M (BLOCK_M is M rounded up) re-read row M - 1; the store drops them.
-            xm = _load_x(x_ptr, tl.minimum(row0 + i, M - 1), stride_xm, ks, k_ok, K, GATED).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            # Rows m >= M (BLOCK_M is M rounded up) re-read row M - 1; the store drops them.
+            xm = _load_x(x_ptr, tl.minimum(m, M - 1), stride_xm, ks, k_ok, K, GATED)  # [BLOCK_K]
             part = tl.sum(wf * xm[None, :], axis=1)  # [BLOCK_N]
-            acc = tl.where(cols[None, :] == row0 + i, acc + part[:, None], acc)
+            acc = tl.where(cols[None, :] == m, acc + part[:, None], acc)
     return acc
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, rows, N, K, k_start, k_end, LINES: tl.constexpr):
-    """Ask L2 for W[rows, k_start:k_end] (one `prefetch.global.L2` per 128-byte line; LINES >= the lines a row
-    covers). Lanes past the end re-ask for the last valid line instead of being masked (inline asm has no mask)."""
-    line_elems = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # 128 bytes
-    ks = tl.minimum(k_start + tl.arange(0, LINES) * line_elems, k_end - 1)
-    ptrs = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + ks[None, :]  # [BLOCK_N, LINES]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -131,12 +110,11 @@ def _small_m_linear_kernel(x_ptr,    # [M, K] ([M, 2K] = [gate | up] when GATED)
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, ONE_STEP: tl.constexpr,
-                           GATED: tl.constexpr, PREFETCH_LINES: tl.constexpr, USE_PDL: tl.constexpr):
+                           GATED: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row0 = tl.program_id(2) * BLOCK_M               # first row of x this program takes (mid-M: M tiled)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features n
-    cols = row0 + tl.arange(0, BLOCK_M)             # rows m of x (= columns of the [BLOCK_N, BLOCK_M] tile)
+    cols = tl.arange(0, BLOCK_M)                    # rows m of x (= columns of the [BLOCK_N, BLOCK_M] tile)
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < N
     col_ok = cols < M
@@ -152,10 +130,8 @@ def _small_m_linear_kernel(x_ptr,    # [M, K] ([M, 2K] = [gate | up] when GATED)
         k_ok = ks < K
         w = tl.load(w_ptrs + k_start, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
         wait_for_previous_kernel(USE_PDL)
-        acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, row0, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION, GATED)
+        acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION, GATED)
     else:
-        if PREFETCH_LINES > 0:  # this program's W slab into L2 while the previous kernel drains (PDL)
-            _prefetch_l2(w_ptr, rows, N, K, k_start, k_end, PREFETCH_LINES)
         wait_for_previous_kernel(USE_PDL)
         # An explicit num_stages also software-pipelines the loads that feed no tl.dot (the fma path) through
         # shared memory (cp.async): all stages' W loads are in flight before the first use.
@@ -163,7 +139,7 @@ def _small_m_linear_kernel(x_ptr,    # [M, K] ([M, 2K] = [gate | up] when GATED)
             ks = k0 + offs_k
             k_ok = ks < K
             w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, row0, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION,
+            acc = _accumulate(acc, w, x_ptr, M, K, stride_xm, cols, col_ok, ks, k_ok, BLOCK_M, DOT, PRECISION,
                               GATED)
     mask = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:  # fp32 partial sums of this split: slab pid_k of [splits, M, N]
@@ -228,11 +204,6 @@ def k_chunks(k: int, split_k: int, block_k: int) -> tuple[int, int]:
 def default_config(m: int, n: int, k: int, sms: int) -> dict:
     """A config from first principles: ~16 KB W tiles per K step, >= 2 programs per SM, split K only if N is small
     (cached: do not mutate the result)."""
-    if m > MAX_M:  # mid-M: [64, 64] tiles of the output on the tensor cores, K in 64-deep steps
-        tiles = triton.cdiv(n, 64) * triton.cdiv(m, DEFAULT_MID_BLOCK_M)
-        split = k_chunks(k, split_for(tiles, k, 64, sms), 64)[1]
-        return {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "num_warps": 4, "num_stages": 4, "dot": True,
-                "BLOCK_M": DEFAULT_MID_BLOCK_M}
     if m <= FMA_MAX_M:
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)  # the whole K in one step where K <= 4096
         block_n = min(triton.next_power_of_2(n), max(1, TILE_ELEMS // block_k))
@@ -261,23 +232,13 @@ def check_config(cfg: dict) -> None:
     missing = [key for key in CONFIG_KEYS if key not in cfg]
     if missing:
         raise ValueError(f"config {cfg} lacks {missing}; a config has the keys {CONFIG_KEYS}")
-    for key in ("BLOCK_N", "BLOCK_K", "BLOCK_M"):
-        if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
+    for key in ("BLOCK_N", "BLOCK_K"):
+        if cfg[key] < 1 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"config {key}={cfg[key]} must be a power of 2")
     if cfg["SPLIT_K"] < 1:
         raise ValueError(f"config SPLIT_K={cfg['SPLIT_K']} must be >= 1")
-    if cfg["dot"] and min(cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("BLOCK_M", 16)) < 16:
-        raise ValueError(f"a dot config needs BLOCK_N, BLOCK_K and BLOCK_M >= 16, got {cfg}")
-
-
-def block_m_for(m: int, cfg: dict) -> int:
-    """Rows of x per program: the config's BLOCK_M, else all of M (the fma path unrolls them; a dot pads to 16)
-    up to MAX_M rows, else DEFAULT_MID_BLOCK_M."""
-    if "BLOCK_M" in cfg:
-        return cfg["BLOCK_M"]
-    if m > MAX_M:
-        return DEFAULT_MID_BLOCK_M
-    return max(16, m_bucket(m)) if cfg["dot"] else m_bucket(m)
+    if cfg["dot"] and min(cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        raise ValueError(f"a dot config needs BLOCK_N and BLOCK_K >= 16, got {cfg}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,18 +250,12 @@ def in_features(x: torch.Tensor, gated: bool) -> int:
     return x.shape[-1] // 2 if gated else x.shape[-1]
 
 
-def takes_rows(m: int, n: int, k: int) -> bool:
-    """Whether the engine routes an [M, K] x [N, K] linear here: any shape up to MAX_M rows; up to MID_MAX_M rows
-    where the sweep measured a config for the shape (elsewhere cuBLAS is as fast or faster)."""
-    return 1 <= m and (m <= MAX_M or (m <= MID_MAX_M and (m_bucket(m), n, k) in CONFIGS))
-
-
 def supports(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
-    """Whether small_m_linear takes this call on a GPU: x [M, K] ([M, 2K] when gated) with takes_rows(M, N, K) and
-    a contiguous last dim, weight [N, K] contiguous, both bf16 or both fp16 on the same CUDA device."""
+    """Whether small_m_linear takes this call on a GPU: x [M, K] ([M, 2K] when gated) with 1 <= M <= MAX_M and a
+    contiguous last dim, weight [N, K] contiguous, both bf16 or both fp16 on the same CUDA device."""
     return (x.is_cuda and weight.device == x.device and x.dim() == 2 and weight.dim() == 2
-            and (not gated or x.shape[1] % 2 == 0) and in_features(x, gated) == weight.shape[1]
-            and takes_rows(x.shape[0], weight.shape[0], weight.shape[1])
+            and 1 <= x.shape[0] <= MAX_M and (not gated or x.shape[1] % 2 == 0)
+            and in_features(x, gated) == weight.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.stride(1) == 1 and weight.is_contiguous())
 
@@ -309,8 +264,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
            gated: bool) -> None:
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)} strides {x.stride()}")
-    if x.shape[0] > MID_MAX_M:
-        raise ValueError(f"small_m_linear takes at most {MID_MAX_M} rows, got M={x.shape[0]}; use F.linear")
+    if x.shape[0] > MAX_M:
+        raise ValueError(f"small_m_linear takes at most {MAX_M} rows, got M={x.shape[0]}; use F.linear")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
     if gated and x.shape[1] % 2:
@@ -334,20 +289,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
             cfg: dict, gated: bool) -> None:
     m, (n, k) = x.shape[0], weight.shape
     dot = bool(cfg["dot"])
-    block_m = block_m_for(m, cfg)
+    block_m = max(16, m_bucket(m)) if dot else m_bucket(m)
     k_chunk, splits = k_chunks(k, cfg["SPLIT_K"], cfg["BLOCK_K"])
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     pdl = use_pdl(x)
-    one_step = k_chunk == cfg["BLOCK_K"]
-    # L2 prefetch lines per W row of this program's K range (128 bytes each); only useful before a PDL wait.
-    prefetch = triton.next_power_of_2(triton.cdiv(k_chunk * weight.element_size(), 128)) \
-        if cfg.get("prefetch") and pdl and not one_step else 0
-    _small_m_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits, triton.cdiv(m, block_m))](
+    _small_m_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         x, weight, bias if has_bias else x, target, m, n, k, x.stride(0), out.stride(0), k_chunk,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT=dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PARTIAL=splits > 1, HAS_BIAS=has_bias,
-        STAGES=cfg["num_stages"], ONE_STEP=one_step, GATED=gated, PREFETCH_LINES=prefetch, **pdl_launch(pdl),
+        STAGES=cfg["num_stages"], ONE_STEP=k_chunk == cfg["BLOCK_K"], GATED=gated, **pdl_launch(pdl),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:  # small programs: the partials are few bytes, latency is what counts
         block = min(REDUCE_BLOCK, triton.next_power_of_2(n))
@@ -374,9 +325,6 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
     cfg = get_config(m, n, k, x.device) if config is None else config
     check_config(cfg)
-    if not cfg["dot"] and block_m_for(m, cfg) > MAX_M:
-        raise ValueError(f"the fma path (dot=False) unrolls its rows: at most {MAX_M} per program, got config {cfg} "
-                         f"for M={m}; give BLOCK_M <= {MAX_M} or dot=True")
     _launch(x, weight, bias, out, cfg, gated)
     return out
 
