@@ -131,7 +131,7 @@ def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
     waves = [(1, 4), (4, 4), (8, 4), (2, 2), (2, 8), (8, 2)]
     if FP8:  # the fp8 kernel's own neighbourhood (128-token tiles, deeper pipelines)
         tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)]
-        waves = [(1, 4), (4, 4), (2, 2)]
+        waves = [(1, 4), (4, 4), (2, 2), (16, 4), (16, 2)]  # 16 waves: long sequences split at batch 256
     variants = [{"tile_n": t, "num_warps": w, "num_stages": st, "waves": 2, "min_split_tiles": 4}
                 for t, w, st in tiles]
     if FP8:  # register caps: more resident programs per SM

@@ -85,3 +85,21 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, atol: float, rel: float) 
     max_err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
     err = rel_err(out, ref)
     assert max_err <= atol and err <= rel, f"max abs err {max_err:.3e}, rel Frobenius err {err:.3e}"
+
+
+def poison_allocator(device: str, nbytes: int = 64 << 20) -> None:
+    """Leave NaN in freed memory so that outputs allocated next start as NaN (effective on CUDA)."""
+    torch.full((nbytes // 4,), NAN, dtype=torch.float32, device=device)
+
+
+def assert_order_free(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      ctx: torch.Tensor, table: torch.Tensor, scale: float, gen: torch.Generator, **kw) -> None:
+    """Decode programs remapped by a random permutation, and by the engine's longest-first order, write the same
+    rows bit for bit into a NaN-poisoned allocator."""
+    from nanovllm.engine.step_builder import decode_order
+    from nanovllm.kernels.triton_attention import decode_attention_triton
+    for order in (torch.randperm(len(ctx), generator=gen), torch.from_numpy(decode_order(ctx.cpu().numpy()))):
+        poison_allocator(DEV)
+        again = decode_attention_triton(q, k_cache, v_cache, ctx, table, scale,
+                                        order=order.to(DEV, torch.int32), **kw)
+        assert torch.equal(again, out), "the program order changed the result"

@@ -16,6 +16,7 @@ from kernel_harness import (
     DEV,
     NAN,
     assert_close,
+    assert_order_free,
     cdiv,
     cu_seqlens,
     gpu,
@@ -134,6 +135,7 @@ def check_decode(ctx_lens, heads, kv_heads, head_dim, block_size, dtype, seed, c
     ref = decode_attention_torch(q, cache.k, cache.v, ctx, cache.block_table, scale, **cache.scales())
     assert_close(out, ref, *TIGHT[dtype])
     assert (out[ctx == 0] == 0).all(), "padded rows must be exactly zero"
+    assert_order_free(out, q, cache.k, cache.v, ctx, cache.block_table, scale, gen, config=config, **cache.scales())
     exact = decode_attention_torch(q, cache.k_hp, cache.v_hp, ctx, cache.block_table, scale)
     err = rel_err(out, exact)
     assert err < LOOSE_REL, f"fp8 decode vs unquantised K/V: rel err {err:.3f}"

@@ -12,12 +12,14 @@ from kernel_harness import (
     DEV,
     NAN,
     assert_close,
+    assert_order_free,
     cdiv,
     cu_seqlens,
     gpu,
     interp,
     needs_cuda,
     only_if_interp_missed,
+    poison_allocator,
     rand,
     random_lens,
     rerun_in_fresh_process,
@@ -29,11 +31,6 @@ from nanovllm.kernels.triton_attention import decode_attention_triton, store_kvc
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-def poison_allocator(device: str, nbytes: int = 64 << 20) -> None:
-    """Leave NaN in freed memory so that outputs allocated next start as NaN (effective on CUDA)."""
-    torch.full((nbytes // 4,), NAN, dtype=torch.float32, device=device)
-
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return {torch.float32: (2e-4, 1e-4), torch.float16: (4e-3, 3e-3), torch.bfloat16: (2e-2, 1e-2)}[dtype]
@@ -110,6 +107,8 @@ def check_decode(ctx_lens: list[int], num_heads: int, num_kv_heads: int, head_di
     ref = decode_attention_torch(q, cache.k, cache.v, ctx, cache.block_table, scale)
     assert_close(out, ref, *tolerances(dtype))
     assert (out[ctx == 0] == 0).all(), "padded rows must be exactly zero"
+    assert_order_free(out, q, cache.k, cache.v, ctx, cache.block_table, scale, gen, config=config)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +208,16 @@ def test_bad_shapes_raise_value_error():
     with pytest.raises(ValueError):
         store_kvcache(torch.zeros(1, 2, 24, device=DEV), torch.zeros(1, 2, 24, device=DEV),
                       cache[..., :24], cache[..., :24], torch.zeros(1, dtype=torch.int32, device=DEV))
+
+
+@interp
+def test_decode_order_checked():
+    cache = torch.zeros(2, 16, 2, 32, device=DEV)
+    q, ctx = torch.zeros(3, 4, 32, device=DEV), torch.ones(3, dtype=torch.int32, device=DEV)
+    table = torch.zeros(3, 1, dtype=torch.int32, device=DEV)
+    for bad in (torch.arange(2, dtype=torch.int32), torch.arange(3), torch.arange(3, dtype=torch.int32)[None]):
+        with pytest.raises(ValueError, match="order must be"):
+            decode_attention_triton(q, cache, cache, ctx, table, 1.0, order=bad.to(DEV))
 
 
 @only_if_interp_missed

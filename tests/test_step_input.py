@@ -8,7 +8,7 @@ import torch
 
 from nanovllm.distributed.shm_channel import ShmChannel, unique_shm_name
 from nanovllm.engine.sequence import PENDING, Sequence
-from nanovllm.engine.step_builder import build_step_input
+from nanovllm.engine.step_builder import build_step_input, decode_order
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.worker.inputs import prepare
 from nanovllm.worker.messages import StepInput
@@ -72,9 +72,17 @@ def test_decode_sends_one_token_and_reads_a_pending_one_from_the_previous_step()
     assert step.input_ids.tolist() == [105, PENDING]
     assert step.prev_rows.tolist() == [-1, 7]
     assert step.positions.tolist() == [5, 4] and step.context_lens.tolist() == [6, 5]
+    assert step.decode_order.tolist() == [0, 1] and step.decode_order.dtype == np.int32
     assert step.slot_mapping.tolist() == [1 * BS + 1, 3 * BS + 0]  # position 5 in block 1, position 4 in block 3
     only_known = build_step_input([known], False, BS, no_bans)
     assert only_known.prev_rows is None
+
+
+def test_decode_order_is_longest_first_and_stable():
+    lens = np.array([3, 9, 1, 9, 4], dtype=np.int32)
+    order = decode_order(lens)
+    assert order.tolist() == [1, 3, 4, 0, 2] and order.dtype == np.int32
+    assert decode_order(np.zeros(0, dtype=np.int32)).tolist() == []
 
 
 def test_decode_message_stays_small_for_long_sequences():
@@ -113,6 +121,7 @@ def test_prepare_builds_tensors_and_gathers_pending_ids_on_the_device():
     input_ids, positions, ctx = prepare(step, CPU, last_sampled)
     assert input_ids.tolist() == [105, 22] and input_ids.dtype == torch.int64
     assert positions.tolist() == [5, 4] and ctx.context_lens.tolist() == [6, 5] and not ctx.is_prefill
+    assert ctx.decode_order.tolist() == [0, 1]
     assert ctx.block_tables.tolist() == [[0, 1], [2, 3]] and ctx.slot_mapping.tolist() == step.slot_mapping.tolist()
     with pytest.raises(RuntimeError, match="no previous step"):
         prepare(step, CPU, None)

@@ -60,8 +60,16 @@ def build_decode(seqs: list[Sequence], block_size: int) -> StepInput:
         prev_rows = np.fromiter((seq.last_sample_row for seq in seqs), dtype=np.int32, count=n)
         prev_rows[~pending] = -1
     slot_mapping = slots(tables, np.arange(n), positions, block_size)
+    context_lens = positions + 1
     return StepInput(is_prefill=False, input_ids=input_ids, prev_rows=prev_rows, positions=positions,
-                     slot_mapping=slot_mapping, block_tables=tables, context_lens=positions + 1)
+                     slot_mapping=slot_mapping, block_tables=tables, context_lens=context_lens,
+                     decode_order=decode_order(context_lens))
+
+
+def decode_order(context_lens: np.ndarray) -> np.ndarray:
+    """Rows by context length, longest first (ties in row order): the decode attention kernel starts the long
+    sequences' programs first, so no long one is left running alone at the end."""
+    return np.argsort(-context_lens, kind="stable").astype(np.int32)
 
 
 def build_sampling(seqs: list[Sequence], banned_tokens: Callable[[Sequence, int], list[int]]) -> SamplingInput:

@@ -6,9 +6,10 @@ its counterpart in torch_attention.py. All launches are free of host syncs; deco
 
 FP8 KV cache: pass k_scale / v_scale (float32, kv_scale_shape(k_cache) = [num_blocks, num_kv_heads, block_size])
 with float8_e4m3fn caches; the format and the per-(token, head) scale choice are described in torch_attention.py.
-Attention reads whole tiles unmasked and zeroes the scores and v_scale of keys past a sequence's length, so the
-V codes there (rest of its last page) must be finite: new_kv_cache zero-fills fp8 caches and the store kernels
-never write a NaN code (their clamp drops NaN), so the engine's caches always are.
+Attention reads V (and the scales) up to 15 rows past a sequence's length, so its loads keep their 16-byte vectors,
+and zeroes the scores and v_scale of those rows, so the V codes there (rest of its last page) must be finite:
+new_kv_cache zero-fills fp8 caches and the store kernels never write a NaN code (their clamp drops NaN), so the
+engine's caches always are.
 The store quantises in the same pass (exact round-to-nearest-even e4m3 encoding in integer arithmetic, bit-equal
 to torch's cast, also under the CPU interpreter whose float8 cast is not). Prefill and decode load fp8 tiles,
 convert them to q's dtype in registers for tl.dot, and fold the scales into the scores (qk * k_scale per key)
@@ -77,20 +78,29 @@ def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, l
               stride_cblk, stride_cslot, stride_vblk, stride_vslot, stride_vd, stride_sblk,
               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr):
     """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale).
-    Loads are never masked (a masked load of the token-contiguous V goes byte by byte, and a separate masked last
-    tile would leave the pipeline): every row read lies in an allocated page (the tile's page, or page 0 for rows
-    past `limit` without ONE_PAGE). MASKED: v_scale of rows at or past `limit` is zeroed, so those rows add
-    p * 0 * v = 0 as long as their V codes are finite (module doc); callers mask their scores."""
+    Every row addressed lies in an allocated page (the tile's page, or page 0 for rows past `limit` without
+    ONE_PAGE). MASKED (a tile that may reach past `limit`, inside the one pipelined loop): K rows past `limit` are
+    not read; V and the scales are read up to `limit` rounded up to 16 rows, so the token-contiguous V keeps its
+    16-byte loads (a mask finer than the vector would split them into bytes); v_scale of rows at or past `limit` is
+    zeroed, so the up to 15 rows read past it add p * 0 * v = 0 as long as their V codes are finite (module doc);
+    callers mask their scores."""
     page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
     rows = page * stride_cblk + in_page.to(tl.int64) * stride_cslot
     v_ptrs = v_head + (page * stride_vblk + in_page.to(tl.int64) * stride_vslot)[:, None] + offs_d[None, :] * stride_vd
     srows = page * stride_sblk + in_page
-    k = tl.load(k_head + rows[:, None] + offs_d[None, :]).to(dtype)
-    v = tl.load(v_ptrs).to(dtype)
-    ks = tl.load(ks_head + srows)
-    vs = tl.load(vs_head + srows)
     if MASKED:
-        vs = tl.where(start + offs_n < limit, vs, 0.0)
+        pos = start + offs_n
+        k_ok = pos < limit
+        v_ok = pos < tl.multiple_of(tl.cdiv(limit, 16) * 16, 16)
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0).to(dtype)
+        v = tl.load(v_ptrs, mask=v_ok[:, None], other=0.0).to(dtype)
+        ks = tl.load(ks_head + srows, mask=v_ok, other=0.0)
+        vs = tl.where(k_ok, tl.load(vs_head + srows, mask=v_ok, other=0.0), 0.0)
+    else:
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :]).to(dtype)
+        v = tl.load(v_ptrs).to(dtype)
+        ks = tl.load(ks_head + srows)
+        vs = tl.load(vs_head + srows)
     return k, v, ks * qk_scale, vs
 
 
@@ -393,9 +403,10 @@ def _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N: tl.constexpr):
     return num_splits, per_split
 
 
-@triton.jit(do_not_specialize=["stride_bt", "max_splits", "ctx_ptr", "bt_ptr"])  # as _prefill_kernel's
+@triton.jit(do_not_specialize=["stride_bt", "max_splits", "ctx_ptr", "bt_ptr", "order_ptr"])  # see _prefill_kernel
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    ctx_ptr, bt_ptr,
+                   order_ptr,  # [B] int32: sequences longest first (read only when ORDERED)
                    k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                    qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh,
@@ -406,10 +417,18 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                   KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, USE_PDL: tl.constexpr):
+                   KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, ORDERED: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     wait_for_previous_kernel(USE_PDL)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if ORDERED:
+        # Longest sequences first: programs start in grid order (axis 0 fastest), so program (i, j) takes KV head
+        # r % H_kv of the r-th longest sequence, r = j * B + i: the long ones start early instead of forming a tail.
+        r = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        b = tl.load(order_ptr + r // tl.num_programs(1))
+        kvh = r % tl.num_programs(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + b)
     num_splits, per_split = _split_plan(ctx_len, max_splits, min_split_tiles, TILE_N)
@@ -516,10 +535,12 @@ def _decode_config(q: torch.Tensor, num_kv_heads: int, head_dim: int, fp8: bool 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             context_lens: torch.Tensor, block_table: torch.Tensor,
                             softmax_scale: float, config: dict | None = None, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: q [B, H, D], one query per sequence over its context_lens[i] cached tokens
     through block_table[i]. Rows with context length 0 give zeros. No host syncs: CUDA-graph safe.
-    k_scale / v_scale: fp8 cache (see module doc). `config` overrides the tile/split choice (benchmarks only)."""
+    k_scale / v_scale: fp8 cache (see module doc). `config` overrides the tile/split choice (benchmarks only).
+    order: [B] int32, a permutation of the rows, longest context first (decode_order); the programs of long
+    sequences then start first and the kernel has no tail of them (the result does not depend on it)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
@@ -528,6 +549,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if context_lens.shape != (batch,) or block_table.dim() != 2 or block_table.shape[0] < batch:
         raise ValueError(f"decode: context_lens {tuple(context_lens.shape)} / block_table "
                          f"{tuple(block_table.shape)} do not match batch {batch}")
+    if order is not None and (order.shape != (batch,) or order.dtype != torch.int32 or order.device != q.device):
+        raise ValueError(f"decode: order must be a [{batch}] int32 tensor on {q.device} (a permutation of the "
+                         f"rows), got {tuple(order.shape)} {order.dtype} on {order.device}")
     q = last_dim_contiguous(q)
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
@@ -543,7 +567,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, max_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table, k_scale, v_scale,
+        q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table,
+        order if order is not None else context_lens, k_scale, v_scale,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), block_table.stride(0),
@@ -552,7 +577,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
         NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        V_LIKE_K=v_cache.stride() == k_cache.stride(), **pdl_launch(pdl), num_warps=cfg["num_warps"],
+        V_LIKE_K=v_cache.stride() == k_cache.stride(), ORDERED=order is not None, **pdl_launch(pdl),
+        num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     if max_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](

@@ -76,7 +76,8 @@ class TritonBackend:
 
     def decode(self, q: torch.Tensor, cache: LayerKVCache, ctx: Context, scale: float) -> torch.Tensor:
         return self.ops.decode_attention_triton(q, cache.k, cache.v, ctx.context_lens, ctx.block_tables, scale,
-                                                k_scale=cache.k_scale, v_scale=cache.v_scale)
+                                                k_scale=cache.k_scale, v_scale=cache.v_scale,
+                                                order=ctx.decode_order)
 
 
 class FlashAttnBackend(TritonBackend):

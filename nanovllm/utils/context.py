@@ -18,6 +18,7 @@ class Context:
     max_seqlen_k: int = 0
     slot_mapping: torch.Tensor | None = None   # [N] int32, cache slot of each new token, -1 = skip
     context_lens: torch.Tensor | None = None   # [B] int32, decode: keys per sequence
+    decode_order: torch.Tensor | None = None   # [B] int32, decode: rows by context length, longest first
     block_tables: torch.Tensor | None = None   # [B, max_blocks] int32, -1 padded
 
 

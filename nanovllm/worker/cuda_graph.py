@@ -2,7 +2,7 @@
 
 A step's inputs travel in one host-to-device copy: a pinned int32 host buffer laid out exactly like the static device
 buffer the graphs read (token ids, previous-step rows, positions, slots, context lengths, sampling temperatures,
-seeds and positions, block tables). Each graph then runs, with no host involvement: the gather of tokens sampled by
+seeds and positions, the decode order, block tables). Each graph then runs, with no host involvement: the gather of tokens sampled by
 the previous step (from the runner's `sampled` buffer), the model, and, without tensor parallelism, the LM head and
 the fused Gumbel-max sampler, which writes the new ids back into `sampled`."""
 import numpy as np
@@ -15,7 +15,7 @@ from nanovllm.utils.context import Context, forward_context
 from nanovllm.worker.messages import StepInput
 
 # int32 fields, each max_bs long, then int64 fields (two int32 each), then the block tables [max_bs, W]
-I32_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "context_lens", "temperatures")
+I32_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "context_lens", "decode_order", "temperatures")
 I64_FIELDS = ("seeds", "sample_positions")
 PAD = {"prev_rows": -1, "slot_mapping": -1}  # padding rows: no previous-step id, no K/V write, no keys (ctx 0)
 
@@ -70,6 +70,9 @@ class StepBuffers:
         for name, value in fields.items():
             views[name][:bs] = PAD.get(name, 0) if value is None else value
             views[name][bs:graph_bs] = PAD.get(name, 0)
+        order = views["decode_order"]  # a permutation of the graph's rows: padding rows (no keys) last
+        order[:bs] = np.arange(bs) if step.decode_order is None else step.decode_order
+        order[bs:graph_bs] = np.arange(bs, graph_bs)
         table = step.block_tables
         tables = arr[self.tables_offset:self.tables_offset + bs * self.width].reshape(bs, self.width)
         tables[:, :table.shape[1]] = table
@@ -97,7 +100,7 @@ class CudaGraphRunner:
     def _context(self, bs: int) -> Context:
         v = self.buffers.views
         return Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
-                       block_tables=v["block_tables"][:bs])
+                       decode_order=v["decode_order"][:bs], block_tables=v["block_tables"][:bs])
 
     def _run(self, bs: int) -> torch.Tensor | None:
         """The captured work: gather pending ids, the model, and (without TP) LM head + sampler."""
@@ -117,6 +120,7 @@ class CudaGraphRunner:
         self.buffers.views["context_lens"].fill_(1)  # warm-up forwards read one (unwritten) slot of block 0
         self.buffers.views["prev_rows"].fill_(-1)
         for bs in reversed(self.sizes):
+            self.buffers.views["decode_order"][:bs].copy_(torch.arange(bs))
             graph = torch.cuda.CUDAGraph()
             with forward_context(self._context(bs)):
                 self._run(bs)  # warm-up (compiles kernels outside the capture)

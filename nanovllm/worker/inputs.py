@@ -22,6 +22,8 @@ def prepare(step: StepInput, device: torch.device,
         parts += [step.cu_seqlens_q, step.cu_seqlens_k]
     else:
         parts.append(step.context_lens)
+        if step.decode_order is not None:
+            parts.append(step.decode_order)
     if step.prev_rows is not None:
         parts.append(step.prev_rows)
     parts.append(step.block_tables.reshape(-1))
@@ -46,5 +48,6 @@ def prepare(step: StepInput, device: torch.device,
                           max_seqlen_k=int(k_lens.max()), slot_mapping=slot_mapping, block_tables=block_tables)
     else:
         context = Context(is_prefill=False, slot_mapping=slot_mapping, context_lens=views[3],
+                          decode_order=views[4] if step.decode_order is not None else None,
                           block_tables=block_tables)
     return input_ids, positions, context

@@ -33,6 +33,7 @@ class StepInput:
     cu_seqlens_q: np.ndarray | None = None  # [B+1] int32 (prefill)
     cu_seqlens_k: np.ndarray | None = None  # [B+1] int32 (prefill): keys run to each chunk's end
     context_lens: np.ndarray | None = None  # [B] int32 (decode)
+    decode_order: np.ndarray | None = None  # [B] int32 (decode): rows by context length, longest first
     sampling: SamplingInput | None = None
 
     @property
