@@ -249,7 +249,7 @@ def test_store_kvcache_fp8_matches_reference(case):
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEV)
     written[slots[slots >= 0]] = True
     assert torch.isnan(k_scale.transpose(1, 2).reshape(-1, kv_heads)[~written]).all()
-    assert (k_cache.view(torch.uint8).view(-1, kv_heads * head_dim)[~written] == 0x7F).all()
+    assert (k_cache.view(torch.uint8).reshape(-1, kv_heads * head_dim)[~written] == 0x7F).all()
 
 
 @interp

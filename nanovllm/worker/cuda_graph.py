@@ -1,10 +1,10 @@
 """Decode steps replayed from CUDA graphs captured at fixed batch sizes.
 
 A step's inputs travel in one host-to-device copy: a pinned int32 host buffer laid out exactly like the static device
-buffer the graphs read (token ids, previous-step rows, positions, slots, context lengths, sampling temperatures,
-seeds and positions, the decode order, block tables). Each graph then runs, with no host involvement: the gather of tokens sampled by
-the previous step (from the runner's `sampled` buffer), the model, and, without tensor parallelism, the LM head and
-the fused Gumbel-max sampler, which writes the new ids back into `sampled`."""
+buffer the graphs read (token ids, previous-step rows, positions, slots, context lengths, the decode order, sampling
+temperatures, seeds and positions, block tables). Each graph then runs, with no host involvement: the gather of
+tokens sampled by the previous step (from the runner's `sampled` buffer), the model, and, without tensor
+parallelism, the LM head and the fused Gumbel-max sampler, which writes the new ids back into `sampled`."""
 import numpy as np
 import torch
 from torch import nn
