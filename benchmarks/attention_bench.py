@@ -137,7 +137,7 @@ def sweep_decode(inputs: DecodeInputs, copy_bw: float) -> None:
     if FP8:  # register caps: more resident programs per SM
         variants += [{"tile_n": 128, "num_warps": 4, "num_stages": st, "waves": 2, "min_split_tiles": 4,
                       "maxnreg": r} for st, r in [(3, 128), (4, 128), (3, 168)]]
-    variants += [{"tile_n": 128 if FP8 else 64, "num_warps": 4, "num_stages": 3 if FP8 else 2, "waves": w,
+    variants += [{"tile_n": 128 if FP8 else 64, "num_warps": 4, "num_stages": 2, "waves": w,  # default tiling
                   "min_split_tiles": m} for w, m in waves]
     print(f"\n## decode sweep, {'fp8' if FP8 else 'bf16'} KV (CUDA graph; fraction of copy bandwidth; "
           "max |diff| vs default config)")

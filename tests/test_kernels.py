@@ -110,7 +110,6 @@ def check_decode(ctx_lens: list[int], num_heads: int, num_kv_heads: int, head_di
     assert_order_free(out, q, cache.k, cache.v, ctx, cache.block_table, scale, gen, config=config)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # CPU interpreter (or GPU) tests: tiny shapes
 # ----------------------------------------------------------------------------------------------

@@ -119,8 +119,8 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         self.buffers.views["context_lens"].fill_(1)  # warm-up forwards read one (unwritten) slot of block 0
         self.buffers.views["prev_rows"].fill_(-1)
+        self.buffers.views["decode_order"].copy_(torch.arange(self.buffers.max_bs))  # [:bs] is every graph's order
         for bs in reversed(self.sizes):
-            self.buffers.views["decode_order"][:bs].copy_(torch.arange(bs))
             graph = torch.cuda.CUDAGraph()
             with forward_context(self._context(bs)):
                 self._run(bs)  # warm-up (compiles kernels outside the capture)
