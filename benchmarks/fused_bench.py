@@ -80,7 +80,8 @@ def sampler_case(batch: int):
     seeds = torch.randint(0, 2**62, (batch,), device="cuda")
     positions = torch.randint(0, 4096, (batch,), device="cuda")
     out = torch.empty(batch, dtype=torch.int64, device="cuda")
-    fused = lambda: sampling.sample_gumbel(logits, temps, seeds, positions, out=out)  # noqa: E731
+    ws = sampling.new_workspace(batch, torch.device("cuda"))  # the engine's path: a workspace kept across steps
+    fused = lambda: sampling.sample_gumbel(logits, temps, seeds, positions, out=out, workspace=ws)  # noqa: E731
     ref = lambda: sampling.sample_gumbel_torch(logits, temps, seeds, positions)  # noqa: E731
 
     def current():
@@ -95,7 +96,8 @@ def greedy_sampler_case(batch: int):
     logits = torch.randn(batch, VOCAB, device="cuda").to(DTYPE)
     zeros = torch.zeros(batch, device="cuda")
     ids = torch.zeros(batch, dtype=torch.int64, device="cuda")
-    fused = lambda: sampling.sample_gumbel(logits, zeros, ids, ids)  # noqa: E731
+    ws = sampling.new_workspace(batch, torch.device("cuda"))
+    fused = lambda: sampling.sample_gumbel(logits, zeros, ids, ids, workspace=ws)  # noqa: E731
     ref = lambda: logits.argmax(-1)  # noqa: E731
     return Case(f"sample_gumbel greedy (B={batch})", batch, fused, ref, None, logits.numel() * 2 + batch * 28)
 
@@ -191,29 +193,44 @@ def run_cases(cases: list[Case]) -> list:
     return rows
 
 
-def time_sampler_config(batch: int, cfg: dict) -> str:
+def time_sampler_config(batch: int, cfg: dict, temperature: float = 0.6) -> str:
     logits = torch.randn(batch, VOCAB, device="cuda").to(DTYPE)
-    temps = torch.full((batch,), 0.6, device="cuda")
+    temps = torch.full((batch,), temperature, device="cuda")
     ids = torch.arange(batch, device="cuda")
     cfg = dict(cfg, rows=min(cfg["rows"], triton.next_power_of_2(batch)))
+    ws = sampling.new_workspace(batch, torch.device("cuda"))
     try:
-        call = lambda: sampling.sample_gumbel(logits, temps, ids, ids, config=cfg)  # noqa: E731
+        call = lambda: sampling.sample_gumbel(logits, temps, ids, ids, config=cfg, workspace=ws)  # noqa: E731
         return f"{time_graph(call):.1f}"
     except Exception as exc:  # e.g. too many registers for one tiling
         return f"err {type(exc).__name__}"
 
 
+def compiled_sampler_kernels() -> dict:
+    """id -> (registers, spills) of every compiled variant of the sampler kernel (empty if Triton hides them)."""
+    try:
+        return {id(k): (k.n_regs, k.n_spills) for cache in sampling._gumbel_partial_kernel.device_caches.values()
+                for k in cache[0].values()}
+    except Exception:  # Triton internals differ between versions
+        return {}
+
+
+SAMPLER_TILINGS = [  # (rows, tile_v, tiles, warps)
+    (1, 1024, 1, 4), (1, 1024, 16, 4), (4, 512, 9, 4), (4, 256, 16, 4), (2, 256, 16, 2), (2, 256, 24, 2),
+    (2, 512, 8, 4), (2, 512, 12, 4), (2, 512, 16, 4), (2, 512, 18, 4), (2, 512, 20, 4), (2, 1024, 8, 4),
+    (2, 1024, 16, 4), (2, 1024, 16, 8)]
+
+
 def sweep_sampler() -> None:
     print("\n## sample_gumbel tilings (graph us per call; default: " + ", ".join(
         f"B={b}: {sampling.sampler_config(b, VOCAB, torch.device('cuda'))}" for b in (1, 256)) + ")")
-    print("| rows | tile_v | tiles | warps | B=1 | B=256 |\n|---|---|---|---|---|---|")
-    tilings = [(1, 1024, 1, 4), (2, 1024, 2, 4), (4, 512, 4, 4), (4, 512, 6, 4), (4, 512, 8, 4), (4, 512, 12, 4),
-               (4, 512, 16, 4), (4, 256, 4, 2), (4, 256, 8, 2), (4, 256, 12, 2), (4, 256, 16, 2), (4, 1024, 8, 8),
-               (2, 512, 16, 4), (2, 1024, 8, 4)]
-    for rows, tile_v, tiles, warps in tilings:
+    print("| rows | tile_v | tiles | warps | B=1 | B=256 | B=256 greedy | regs/spills |\n" + "|---" * 8 + "|")
+    for rows, tile_v, tiles, warps in SAMPLER_TILINGS:
         cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": warps}
-        cells = [time_sampler_config(1, cfg), time_sampler_config(256, cfg)]
-        print(f"| {rows} | {tile_v} | {tiles} | {warps} | " + " | ".join(cells) + " |", flush=True)
+        before = compiled_sampler_kernels()
+        cells = [time_sampler_config(1, cfg), time_sampler_config(256, cfg), time_sampler_config(256, cfg, 0.0)]
+        regs = ", ".join(f"{r}/{s}" for i, (r, s) in compiled_sampler_kernels().items() if i not in before)
+        print(f"| {rows} | {tile_v} | {tiles} | {warps} | " + " | ".join(cells) + f" | {regs} |", flush=True)
 
 
 def main() -> None:

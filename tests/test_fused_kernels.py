@@ -159,13 +159,15 @@ def test_sampler_matches_reference(case, dtype):
 
 @interp
 def test_sampler_configs_agree():
-    """Every tiling (rows per program, tile, tiles per program: one chunk or many) picks the same tokens."""
+    """Every tiling (rows per program, tile, tiles per program: one chunk or many) picks the same tokens, with
+    greedy rows mixed into programs and with every row sampled (the kernel's select-free branch)."""
     gen = torch.Generator().manual_seed(20)
-    logits, temps, seeds, positions = sampler_inputs(7, 333, torch.float32, gen)
-    ref = sample_gumbel_torch(logits, temps, seeds, positions)
-    for rows, tile_v, tiles in [(1, 16, 1), (2, 32, 3), (4, 64, 8), (1, 512, 1), (4, 128, 1), (4, 16, 2)]:
-        cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 1}
-        assert torch.equal(sample_gumbel(logits, temps, seeds, positions, config=cfg), ref), cfg
+    for temps in (None, [0.7, 1.0, 2.5, 0.3, 0.9, 1.3, 0.5]):
+        logits, temps, seeds, positions = sampler_inputs(7, 333, torch.float32, gen, temps)
+        ref = sample_gumbel_torch(logits, temps, seeds, positions)
+        for rows, tile_v, tiles in [(1, 16, 1), (2, 32, 3), (4, 64, 8), (1, 512, 1), (4, 128, 1), (4, 16, 2)]:
+            cfg = {"rows": rows, "tile_v": tile_v, "tiles": tiles, "num_warps": 1}
+            assert torch.equal(sample_gumbel(logits, temps, seeds, positions, config=cfg), ref), cfg
 
 
 @interp
@@ -203,6 +205,35 @@ def test_sampler_empty_batch_and_bad_inputs():
         sample_gumbel(logits, temps, ids, ids, out=torch.zeros(2, dtype=torch.int32, device=DEV))
 
 
+@interp
+def test_sampler_workspace_is_reused_and_restored():
+    """One workspace serves calls of any batch up to its size and any chunking; each call leaves it as new_workspace
+    built it (slots INT64_MIN, counters 0). All-negative and all -inf rows check the packed (score, index) order."""
+    ws = sampling.new_workspace(9, torch.device(DEV))
+    fresh = ws.clone()
+    gen = torch.Generator().manual_seed(25)
+    for batch, vocab, cfg in [(9, 333, (4, 16, 2)), (3, 1000, (1, 64, 4)), (7, 257, (2, 32, 1)), (9, 300, (4, 8, 3))]:
+        logits, temps, seeds, positions = sampler_inputs(batch, vocab, torch.float32, gen)
+        logits = logits - logits.abs().max() - 1.0  # every score negative for the greedy rows
+        logits[batch // 2] = float("-inf")
+        config = dict(zip(("rows", "tile_v", "tiles"), cfg, strict=True)) | {"num_warps": 1}
+        out = sample_gumbel(logits, temps, seeds, positions, config=config, workspace=ws)
+        assert torch.equal(out, sample_gumbel_torch(logits, temps, seeds, positions)), (batch, vocab, cfg)
+        assert out[batch // 2].item() == 0  # an all -inf row takes index 0, as torch.argmax
+        assert torch.equal(ws, fresh), "the workspace was not restored"
+
+
+@interp
+def test_sampler_bad_workspace():
+    logits = torch.zeros(3, 300, device=DEV)
+    temps, ids = torch.ones(3, device=DEV), torch.zeros(3, dtype=torch.int64, device=DEV)
+    cfg = {"rows": 1, "tile_v": 16, "tiles": 1, "num_warps": 1}
+    for bad in (sampling.new_workspace(2, torch.device(DEV)), torch.zeros(3, dtype=torch.int64, device=DEV),
+                sampling.new_workspace(3, torch.device(DEV)).int()):
+        with pytest.raises(ValueError, match="workspace"):
+            sample_gumbel(logits, temps, ids, ids, config=cfg, workspace=bad)
+
+
 CHI2_999_6DOF = 27.86  # chi-square 0.9999 quantile, 6 degrees of freedom
 
 
@@ -217,7 +248,7 @@ def _score_probe_kernel(logits_ptr, seed_ptr, pos_ptr, col_hash_ptr, out_ptr, te
     key = sampling._row_keys(tl.load(seed_ptr + draw, mask=ok, other=0), tl.load(pos_ptr + draw, mask=ok, other=0))
     x = tl.load(logits_ptr + col, mask=ok, other=0.0)
     col_hash = tl.load(col_hash_ptr + col, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    score = sampling._gumbel_score(x, col_hash, temperature > 0, sampling.LOG2E / temperature, key, APPROX)
+    score = sampling._gumbel_score(x, col_hash, temperature > 0, sampling.LOG2E / temperature, key, False, APPROX)
     tl.store(out_ptr + offs, score, mask=ok)
 
 
@@ -520,16 +551,19 @@ def test_gpu_sampler_cuda_graph():
     gen = torch.Generator().manual_seed(1100)
     logits, temps, seeds, positions = sampler_inputs(batch, QWEN_VOCAB, torch.bfloat16, gen)
     out = torch.empty(batch, dtype=torch.int64, device=DEV)
-    sample_gumbel(logits, temps, seeds, positions, out=out)  # compile outside the capture
+    ws = sampling.new_workspace(batch, torch.device(DEV))
+    sample_gumbel(logits, temps, seeds, positions, out=out, workspace=ws)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sample_gumbel(logits, temps, seeds, positions, out=out)
+        sample_gumbel(logits, temps, seeds, positions, out=out, workspace=ws)
+    fresh = sampling.new_workspace(batch, torch.device(DEV))
     for _ in range(3):
         new = sampler_inputs(batch, QWEN_VOCAB, torch.bfloat16, gen)
         for dst, src in zip((logits, temps, seeds, positions), new, strict=True):
             dst.copy_(src)
         graph.replay()
         check_samples(out.clone(), logits, temps, seeds, positions)
+        assert torch.equal(ws, fresh), "a replay left the workspace dirty"
 
 
 @gpu

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.kernels.sampling import sample_gumbel
+from nanovllm.kernels.sampling import new_workspace, sample_gumbel
 from nanovllm.layers.sampling_rng import seeded_exponential
 
 NEG_INF = float("-inf")
@@ -94,9 +94,16 @@ class Sampler(nn.Module):
     """Samples one token per row; temperature-0 rows take the argmax (of the min_tokens-banned logits). On CUDA,
     rows without filters or bans take the fused Triton kernel (one read of the logits, same noise)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.workspace: torch.Tensor | None = None  # the fused kernel's (kernels/sampling.new_workspace), grown
+
     def forward(self, logits: torch.Tensor, params: SamplingTensors, out: torch.Tensor | None = None) -> torch.Tensor:
         if logits.is_cuda and params.fast:
-            return sample_gumbel(logits, params.temperatures, params.seeds, params.positions, out=out)
+            ws = self.workspace
+            if ws is None or ws.shape[1] < logits.shape[0] or ws.device != logits.device:
+                ws = self.workspace = new_workspace(logits.shape[0], logits.device)
+            return sample_gumbel(logits, params.temperatures, params.seeds, params.positions, out=out, workspace=ws)
         ids = self.sample_torch(logits, params)
         return ids if out is None else out.copy_(ids)
 

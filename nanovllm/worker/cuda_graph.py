@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nanovllm.distributed.tp import TPInfo
-from nanovllm.kernels.sampling import sample_gumbel
+from nanovllm.kernels.sampling import new_workspace, sample_gumbel
 from nanovllm.utils.context import Context, forward_context
 from nanovllm.worker.messages import StepInput
 
@@ -92,6 +92,7 @@ class CudaGraphRunner:
         self.with_head = tp.size == 1
         self.buffers = StepBuffers(sizes[-1], max_blocks_per_seq, device)
         self.hidden = torch.zeros(sizes[-1], hidden_size, dtype=dtype, device=device)
+        self.sampler_workspace = new_workspace(sizes[-1], device)  # every graph's sampler folds its chunks here
         self.logits: dict[int, torch.Tensor] = {}  # per graph: its logits (graph pool: valid until the next replay)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -112,7 +113,7 @@ class CudaGraphRunner:
             return None
         logits = self.model.compute_logits(self.hidden[:bs])
         sample_gumbel(logits, v["temperatures"][:bs], v["seeds"][:bs], v["sample_positions"][:bs],
-                      out=self.sampled[:bs])
+                      out=self.sampled[:bs], workspace=self.sampler_workspace)
         return logits
 
     @torch.inference_mode()
