@@ -26,6 +26,7 @@ BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096)
 L2_BYTES = 50 << 20
 NOMINAL_BW = 3.00e12
 FP8 = False  # set by --kv-dtype fp8
+V_BLOCK = None  # set by --v-block (fp8 V runs; None = the engine's default)
 
 
 def kv_bytes_per_token() -> int:
@@ -36,15 +37,15 @@ def kv_bytes_per_token() -> int:
 def random_kv(shape: tuple) -> tuple[tuple, tuple]:
     """((k, k_scale), (v, v_scale)): random caches [blocks, block_size, heads, head_dim] in the engine's layouts
     (torch_attention.new_kv_cache) and the benchmark's KV dtype; random float32 scales for fp8, else None."""
-    caches = new_kv_cache(*shape, torch.float8_e4m3fn if FP8 else DTYPE, "cuda")
+    caches = new_kv_cache(*shape, torch.float8_e4m3fn if FP8 else DTYPE, "cuda", v_block_size=V_BLOCK)
     if not FP8:
         return tuple((c.normal_(), None) for c in caches)
     out = []
     for cache in caches:
         codes = cache.view(torch.uint8)
-        codes.copy_(torch.randint(0, 127, shape, dtype=torch.uint8, device="cuda")  # no NaN code (127)
-                    | torch.randint(0, 2, shape, dtype=torch.uint8, device="cuda") << 7)
-        out.append((cache, torch.rand(ta.kv_scale_shape(cache), device="cuda") / 448 + 1e-3))
+        codes.copy_(torch.randint(0, 127, cache.shape, dtype=torch.uint8, device="cuda")  # no NaN code (127)
+                    | torch.randint(0, 2, cache.shape, dtype=torch.uint8, device="cuda") << 7)
+        out.append((cache, torch.rand(ta.kv_scale_shape(caches[0]), device="cuda") / 448 + 1e-3))
     return tuple(out)
 
 
@@ -204,18 +205,20 @@ def sweep_prefill() -> None:
 
 
 def main() -> None:
-    global FP8
+    global FP8, V_BLOCK
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also try several kernel configs")
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="KV cache format")
     parser.add_argument("--no-prefill-sweep", action="store_true", help="with --sweep: decode configs only")
+    parser.add_argument("--v-block", type=int, default=None, help="fp8: tokens per V run (default: the engine's)")
+    parser.add_argument("--decode-only", action="store_true", help="skip prefill timings")
     args = parser.parse_args()
-    FP8 = args.kv_dtype == "fp8"
+    FP8, V_BLOCK = args.kv_dtype == "fp8", args.v_block
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth()
     print(f"device: {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e12:.2f} TB/s; "
-          f"KV cache {args.kv_dtype}")
+          f"KV cache {args.kv_dtype}" + (f", V runs of {V_BLOCK} tokens" if FP8 and V_BLOCK else ""))
     max_blocks = max(b * triton.cdiv(c, BLOCK_SIZE) for b in BATCHES for c in CONTEXTS) * 2
     inputs = DecodeInputs(max_blocks)
     if args.sweep:
@@ -230,7 +233,8 @@ def main() -> None:
         bw = decode_bytes(batch, ctx) / (graph_ms * 1e-3)
         rows.append((batch, ctx, default_decode_config(batch)["max_splits"], graph_ms * 1e3, eager_ms * 1e3,
                      bw / 1e12, bw / copy_bw, bw / NOMINAL_BW))
-    prefill = [(n, s, *time_prefill(n, s, None)[:2]) for n, s in [(8, 1024), (4, 4096), (64, 256)]]
+    prefill = [] if args.decode_only else [(n, s, *time_prefill(n, s, None)[:2])
+                                           for n, s in [(8, 1024), (4, 4096), (64, 256)]]
 
     kv = "fp8 e4m3 KV (+ fp32 per-(token, head) scales)" if FP8 else "bf16 KV"
     print(f"\n## Prefill (causal, bf16 queries, {kv}, Qwen3-0.6B heads)\n| seqs x tokens | time (us) | TFLOP/s |"

@@ -9,6 +9,7 @@ exponential-trick sampler), "n/a" if that API is not importable in this checkout
 
     python3 -m benchmarks.fused_bench            # markdown table last
     python3 -m benchmarks.fused_bench --sweep    # also sampler tilings (rows, tile_v, tiles)
+    python3 -m benchmarks.fused_bench --store-layouts  # the K/V store by fp8 V layout, warm and cold L2
 """
 from __future__ import annotations
 
@@ -138,14 +139,16 @@ def silu_case(n: int):
                 lambda: activation.silu_and_mul_torch(x), maybe(current), 3 * n * INTER * 2)
 
 
-def rope_case(n: int, kv_fp8: bool = False):
+def rope_case(n: int, kv_fp8: bool = False, v_block: int | None = None, num_blocks: int | None = None):
     qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE)
     q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
     q, k, v = q.view(n, HEADS, HEAD_DIM), k.view(n, KV_HEADS, HEAD_DIM), v.view(n, KV_HEADS, HEAD_DIM)
-    # The engine's cache layouts (fp8: token-contiguous V); decode-like slots: each token in a page of its own
-    num_blocks = n + 1
+    # The engine's cache layouts (fp8: token-contiguous V runs of v_block tokens); decode-like slots: each token in
+    # a page of its own
+    num_blocks = max(num_blocks or 0, n + 1)
     cache_dtype = torch.float8_e4m3fn if kv_fp8 else DTYPE
-    k_cache, v_cache = new_kv_cache(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, cache_dtype, "cuda")
+    k_cache, v_cache = new_kv_cache(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, cache_dtype, "cuda",
+                                    v_block_size=v_block)
     scales = {}
     if kv_fp8:
         shape = ta.kv_scale_shape(k_cache)
@@ -172,7 +175,7 @@ def rope_case(n: int, kv_fp8: bool = False):
     elem = k_cache.element_size()
     nbytes = n * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM * 2 + 2 * n * KV_HEADS * HEAD_DIM * elem \
         + (2 * n * KV_HEADS * 4 if kv_fp8 else 0) + n * (16 + 2 * HEAD_DIM * 4)
-    name = "qk_norm_rope_store" + (" fp8 KV" if kv_fp8 else "")
+    name = "qk_norm_rope_store" + (f" fp8 KV (V runs of {v_cache.shape[1]})" if kv_fp8 else "")
     return Case(name, n, lambda: rope_store.qk_norm_rope_store(*args, **scales),
                 lambda: rope_store.qk_norm_rope_store_torch(*args, **scales), None if kv_fp8 else maybe(current),
                 nbytes, ref_in_graph=False)
@@ -233,15 +236,40 @@ def sweep_sampler() -> None:
         print(f"| {rows} | {tile_v} | {tiles} | {warps} | " + " | ".join(cells) + f" | {regs} |", flush=True)
 
 
+def time_graph_cold(fn: Callable, flush_bytes: int = 256 << 20) -> float:
+    """us per call of fn when each call follows a copy of flush_bytes (L2 evicted, as between the engine's layers,
+    where attention streams the whole cache): graph of REPS (copy, fn) pairs minus a graph of the copies alone."""
+    src = torch.empty(flush_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    flush_only = time_graph(lambda: dst.copy_(src))
+    return time_graph(lambda: (dst.copy_(src), fn())) - flush_only
+
+
+def store_layouts() -> None:
+    """The fused q/k norm + RoPE + K/V store at 256 decode tokens (random pages of a 2,048-block cache) for the
+    model-dtype cache and fp8 V runs of 256 / 64 / 32 / 16 / 8 tokens: a decode token's V codes of one head land in
+    min(128, 4 * run) 32-byte sectors, each a read-modify-write once evicted."""
+    print("\n## qk_norm_rope_store, 256 decode tokens, by V layout (us per call)\n"
+          "| cache | V run (tokens) | warm L2 (graph) | after a 256 MB copy (graph, copy subtracted) |\n"
+          "|---|---|---|---|")
+    for fp8, v_block in ((False, None), (True, 256), (True, 64), (True, 32), (True, 16), (True, 8)):
+        case = rope_case(256, kv_fp8=fp8, v_block=v_block, num_blocks=2048)
+        warm, cold = time_graph(case.fused), time_graph_cold(case.fused)
+        print(f"| {'fp8' if fp8 else 'bf16'} | {v_block or '-'} | {warm:.1f} | {cold:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time several sampler tilings")
     parser.add_argument("--sampler-only", action="store_true", help="only the sampler cases")
+    parser.add_argument("--store-layouts", action="store_true", help="only the K/V store by fp8 V layout")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}")
+    if args.store_layouts:
+        return store_layouts()
     if args.sweep:
         sweep_sampler()
     cases = [sampler_case(1), sampler_case(256), greedy_sampler_case(256)]

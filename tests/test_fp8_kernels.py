@@ -33,6 +33,7 @@ from nanovllm.kernels import triton_attention as ta
 from nanovllm.kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_torch
 from nanovllm.kernels.torch_attention import (
     FP8_DTYPE,
+    FP8_V_BLOCK,
     decode_attention_torch,
     kv_scale_shape,
     new_kv_cache,
@@ -53,29 +54,32 @@ LOOSE_REL = 0.06  # rel. Frobenius error of attention over fp8 K/V vs the unquan
 NAN_CODE, MAX_CODE = 0x7F, 0x7E  # float8_e4m3fn NaN and 448
 
 
-def fp8_cache(shape, token_major: bool = False, code: int = NAN_CODE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poisoned fp8 cache (every code `code`) and its NaN-poisoned scales. token_major: the engine's V layout
-    (token-contiguous, torch_attention.new_kv_cache's v), else head_dim-contiguous (its k)."""
-    cache = new_kv_cache(*shape, FP8_DTYPE, DEV)[1 if token_major else 0]
-    cache.view(torch.uint8).fill_(code)
-    return cache, torch.full(kv_scale_shape(cache), NAN, device=DEV)
+def fp8_cache(shape, token_major: bool = False, code: int = NAN_CODE,
+              v_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisoned fp8 cache (every code `code`) and its NaN-poisoned scales for a K cache of `shape`. token_major:
+    the engine's V layout (token-contiguous runs of v_block tokens, torch_attention.new_kv_cache's v), else
+    head_dim-contiguous (its k)."""
+    caches = new_kv_cache(*shape, FP8_DTYPE, DEV, v_block_size=v_block)
+    caches[1 if token_major else 0].view(torch.uint8).fill_(code)
+    return caches[1 if token_major else 0], torch.full(kv_scale_shape(caches[0]), NAN, device=DEV)
 
 
 class Fp8Paged:
     """Sequences in random distinct blocks of poisoned fp8 caches, and the same K/V unquantised in caches of the
     input dtype. Unused block-table entries hold stale block ids (`stale` = far out of range). K codes and all
     scales are NaN-poisoned; V codes hold the largest finite code, 448 (the kernels' contract: V past a sequence
-    is read and multiplied by zero, so it must be finite). V is token-contiguous as in the engine unless
-    v_token_major=False."""
+    is read and multiplied by zero, so it must be finite). V is token-contiguous as in the engine (runs of v_block
+    tokens, default the engine's) unless v_token_major=False."""
 
     def __init__(self, lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                 gen: torch.Generator, stale: int | None = None, first_block: int = 0, v_token_major: bool = True):
+                 gen: torch.Generator, stale: int | None = None, first_block: int = 0, v_token_major: bool = True,
+                 v_block: int | None = None):
         self.block_size = block_size
         need = [cdiv(n, block_size) for n in lens]
         num_blocks = first_block + sum(need) + 3
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k, self.k_scale = fp8_cache(shape)
-        self.v, self.v_scale = fp8_cache(shape, token_major=v_token_major, code=MAX_CODE)
+        self.v, self.v_scale = fp8_cache(shape, token_major=v_token_major, code=MAX_CODE, v_block=v_block)
         self.k_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         self.v_hp = torch.full(shape, NAN, dtype=dtype, device=DEV)
         perm = (torch.randperm(num_blocks - first_block, generator=gen) + first_block).tolist()
@@ -224,14 +228,15 @@ STORE_CASES = [(40, 3, 32, 16, torch.float32), (17, 2, 16, 8, torch.float16), (1
 
 
 @interp
+@pytest.mark.parametrize("v_block", [None, 4])
 @pytest.mark.parametrize("case", range(len(STORE_CASES)))
-def test_store_kvcache_fp8_matches_reference(case):
+def test_store_kvcache_fp8_matches_reference(case, v_block):
     """Triton store == torch store: identical codes and scales; slot -1 rows and other slots untouched."""
     n, kv_heads, head_dim, block_size, dtype = STORE_CASES[case]
     gen = torch.Generator().manual_seed(20 + case)
     num_blocks = cdiv(2 * n, block_size) + 1
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True)
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True, v_block=v_block)
     ref = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     if n > 3:
@@ -262,7 +267,8 @@ def test_qk_norm_rope_store_fp8_matches_reference(heads, kv_heads, head_dim, nor
     qkv = rand((n, (heads + 2 * kv_heads) * head_dim), dtype, gen, scale=2.0)
     num_blocks = cdiv(2 * n, block_size)
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True)
+    v_block = 4 if heads == 4 else None  # V runs shorter than a block
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True, v_block=v_block)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     slots[[2, 11]] = -1
     positions = torch.randint(0, 500, (n,), generator=gen).to(DEV)
@@ -333,24 +339,42 @@ def test_fp8_attention_with_head_dim_contiguous_v():
     check_prefill([16, 7, 1], [80, 23, 50], 6, 2, 32, 64, torch.float32, seed=8, v_token_major=False)
 
 
+@interp
+@pytest.mark.parametrize("v_block", [4, 16])
+def test_fp8_attention_with_other_v_runs(v_block):
+    """V in token-contiguous runs of 4 or 16 tokens (the engine's: FP8_V_BLOCK, here whole 64-token blocks) through
+    the store, prefill and decode kernels (tiles of 32 tokens)."""
+    check_decode([95, 200, 7], 16, 8, 64, 64, torch.float32, seed=9, v_block=v_block)
+    check_prefill([16, 7, 1], [80, 23, 50], 6, 2, 32, 64, torch.float32, seed=10, v_block=v_block)
+
+
 def test_new_kv_cache_layouts():
-    """fp8: V token-contiguous and the storage zero-filled (finite codes past every sequence); bf16: plain."""
+    """fp8: K head-major, V head-major in token-contiguous runs of FP8_V_BLOCK tokens (at most a block), the storage
+    zero-filled (finite codes past every sequence); bf16: plain."""
     k, v = new_kv_cache(3, 16, 2, 32, FP8_DTYPE, "cpu")
-    assert k.shape == v.shape == (3, 16, 2, 32) and k.stride(3) == 1 and v.stride(1) == 1
+    assert k.shape == (3, 16, 2, 32) and v.shape == (3, 1, 16, 2, 32) and k.stride(3) == 1 and v.stride(2) == 1
     assert not k.view(torch.uint8).any() and not v.view(torch.uint8).any()
+    k, v = new_kv_cache(3, 64, 2, 32, FP8_DTYPE, "cpu", v_block_size=16)
+    assert k.stride() == (4096, 32, 2048, 1)  # [blocks, H, 64, D]
+    assert v.shape == (3, 4, 16, 2, 32) and v.stride() == (4096, 512, 1, 2048, 16)  # [blocks, H, 4, D, 16]
+    _, v = new_kv_cache(2, 256, 2, 32, FP8_DTYPE, "cpu")
+    assert v.shape == (2, 256 // FP8_V_BLOCK, FP8_V_BLOCK, 2, 32) and v.stride(2) == 1
+    with pytest.raises(ValueError, match="must divide block_size"):
+        new_kv_cache(3, 64, 2, 32, FP8_DTYPE, "cpu", v_block_size=24)
     k, v = new_kv_cache(3, 16, 2, 32, torch.bfloat16, "cpu")
     assert k.is_contiguous() and v.is_contiguous()
 
 
 @interp
 def test_cache_layout_is_checked():
-    (kc, ks), (vc, vs) = fp8_cache((2, 16, 2, 32)), fp8_cache((2, 16, 2, 32))
+    (kc, ks), (vc, vs) = fp8_cache((2, 16, 2, 32)), fp8_cache((2, 16, 2, 32), token_major=True)
     key, slot = torch.zeros(1, 2, 32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
-    with pytest.raises(ValueError, match="contiguous head_dim or block_size"):
-        heads_last = vc.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # only the heads dim contiguous
+    with pytest.raises(ValueError, match="contiguous head_dim or token dim"):
+        heads_last = torch.zeros(2, 16, 32, 2, device=DEV).to(FP8_DTYPE).permute(0, 1, 3, 2)  # heads contiguous
         store_kvcache(key, key, kc, heads_last, slot, k_scale=ks, v_scale=vs)
-    with pytest.raises(ValueError, match="must both be"):
-        store_kvcache(key, key, kc, vc[:, :8], slot, k_scale=ks, v_scale=vs)
+    for bad in (vc[:, :, :8], vc[..., :16], kc[:, :8]):
+        with pytest.raises(ValueError, match="must both be"):
+            store_kvcache(key, key, kc, bad, slot, k_scale=ks, v_scale=vs)
 
 
 @interp
@@ -407,13 +431,13 @@ def test_gpu_prefill_fp8_bf16(block_size, mode):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 3, 64, 256])
-@pytest.mark.parametrize("block_size", [256, 16])
-def test_gpu_decode_fp8_bf16(batch, block_size):
+@pytest.mark.parametrize("block_size,v_block", [(256, None), (256, 256), (256, 8), (16, None)])
+def test_gpu_decode_fp8_bf16(batch, block_size, v_block):
     gen = torch.Generator().manual_seed(8000 + batch * 7 + block_size)
     ctx = random_lens(gen, batch, 1, 4000 if batch <= 64 else 1500)
     if batch > 2:
         ctx[1] = 0  # padded row with far out-of-range stale table entries
-    check_decode(ctx, 16, 8, 128, block_size, torch.bfloat16, seed=8001 + batch, stale=10**7)
+    check_decode(ctx, 16, 8, 128, block_size, torch.bfloat16, seed=8001 + batch, stale=10**7, v_block=v_block)
 
 
 @gpu
@@ -439,7 +463,7 @@ def test_gpu_decode_fp8_cuda_graph_replay():
     gen = torch.Generator().manual_seed(8700)
     num_blocks = batch * width
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape)
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True, code=MAX_CODE)
     slots = torch.arange(num_blocks * block_size, device=DEV)
     for chunk in slots.split(1 << 16):
         kv = rand((chunk.numel(), 2, kv_heads, head_dim), torch.bfloat16, gen)
@@ -475,7 +499,7 @@ def test_gpu_qk_norm_rope_store_fp8(n):
     qkv = rand((n, (heads + 2 * kv_heads) * head_dim), torch.bfloat16, gen, scale=2.0)
     num_blocks = cdiv(2 * n, block_size) + 1
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape)
+    (k_cache, k_scale), (v_cache, v_scale) = fp8_cache(shape), fp8_cache(shape, token_major=True)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(DEV)
     positions = torch.randint(0, 40960, (n,), generator=gen).to(DEV)
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))

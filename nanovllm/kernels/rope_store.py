@@ -22,7 +22,13 @@ import triton.language as tl
 from nanovllm.kernels.launch import pdl_launch, use_pdl, wait_for_previous_kernel
 from nanovllm.kernels.norm import rms_norm_torch
 from nanovllm.kernels.torch_attention import check_kv_scales, store_kvcache_torch
-from nanovllm.kernels.triton_attention import _check_cache_layout, _fp8_encode, _fp8_scale, _kernel_cache_args
+from nanovllm.kernels.triton_attention import (
+    _check_cache_layout,
+    _fp8_encode,
+    _fp8_scale,
+    _kernel_cache_args,
+    _v_layout,
+)
 
 
 @triton.jit
@@ -65,18 +71,19 @@ def _qk_norm_rope_store_kernel(
         k_ptr, v_ptr,               # [N, H_kv, D] strided rows/heads
         pos_ptr,                    # [N] int
         cos_sin_ptr,                # [max_pos, D] fp32: [cos | sin]
-        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D] (uint8 views when FP8); v any strides
+        k_cache_ptr, v_cache_ptr,   # [num_blocks, block_size, H_kv, D] (uint8 views when FP8); v: runs of
+                                    # V_BLOCK tokens (triton_attention._v_layout), any strides
         k_scale_ptr, v_scale_ptr,   # [num_blocks, H_kv, block_size] fp32 (FP8 only)
         slot_ptr,                   # [N] int; -1 = do not store
         qw_ptr, kw_ptr,             # [D] norm weights (Q_NORM / K_NORM)
         eps,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
         stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
-        stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+        stride_vblk, stride_vgrp, stride_vslot, stride_vch, stride_vd,  # _v_layout
         stride_sblk, stride_sh,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
+        V_BLOCK: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -107,7 +114,8 @@ def _qk_norm_rope_store_kernel(
     v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
         + offs_kh[:, None] * stride_ch + offs_c[None, :]
-    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE) * stride_vslot \
+    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE // V_BLOCK) * stride_vgrp \
+        + (slot % V_BLOCK) * stride_vslot \
         + offs_kh[:, None] * stride_vch + offs_c[None, :] * stride_vd
     if FP8:  # quantise per (token, head) over both halves; scales beside the codes
         sdst = (slot // BLOCK_SIZE) * stride_sblk + offs_kh * stride_sh + slot % BLOCK_SIZE
@@ -163,14 +171,15 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         return q
     k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
     pdl = use_pdl(q)
+    v_block, v_strides = _v_layout(v_cache)
     _qk_norm_rope_store_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_dst, v_dst, k_scale, v_scale, slot_mapping,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else q, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), k_scale.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides, k_scale.stride(0),
         k_scale.stride(1), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
+        HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], V_BLOCK=v_block,
         Q_NORM=q_weight is not None, K_NORM=k_weight is not None, FP8=fp8, **pdl_launch(pdl),
         num_warps=1 if q.device.type == "cpu" else 4)
     return q

@@ -1,9 +1,10 @@
 """Pure-torch paged attention: the reference every faster backend is tested against.
 
-Cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
-Slot s lives at block s // block_size, offset s % block_size. k_cache's head_dim is contiguous; v_cache may
-instead have a contiguous block_size (new_kv_cache does that for fp8, see there); every function here and in
-triton_attention.py follows the strides.
+Cache layout (per layer): k_cache [num_blocks, block_size, num_kv_heads, head_dim]; v_cache the same, or split
+into runs of G tokens: [num_blocks, block_size / G, G, num_kv_heads, head_dim] (new_kv_cache does that for fp8,
+see there). Slot s lives at block s // block_size, offset s % block_size (run offset // G, token offset % G:
+slot_index). k_cache's head_dim is contiguous; v_cache's head_dim or its token dim; every function here and in
+triton_attention.py follows the shapes and strides.
 
 FP8 KV cache (k_scale / v_scale given): the caches are float8_e4m3fn and every (token, KV head) vector x of
 head_dim values is stored as codes = round(x / s) with its own float32 scale s = amax(|x|) / 448 (1 where x is
@@ -20,6 +21,7 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP8_INV_MAX = struct.unpack("f", struct.pack("f", 1 / 448))[0]  # 1/448 rounded to float32
+FP8_V_BLOCK = 64  # tokens per token-contiguous run of an fp8 V cache (new_kv_cache)
 
 
 def kv_scale_shape(k_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -55,14 +57,22 @@ def kv_storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 
 def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, storage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k_cache, v_cache), both [num_blocks, block_size, num_kv_heads, head_dim], in the layouts the engine uses:
-    k with head_dim contiguous; v the same, except for fp8, whose caches are stored head-major (permuted views are
-    returned): k [num_blocks, num_kv_heads, block_size, head_dim], so a decode tile of one head is one contiguous
-    run (16 KB for 128 tokens; 90.1% of copy bandwidth at 256 x 1k on an H100 against 88.7% interleaved), and v
-    [num_blocks, num_kv_heads, head_dim, block_size]. Why V is token-contiguous: P.V reduces over tokens, and 8-bit
-    tensor-core operands must be contiguous along the reduced dim (16-bit ones are transposed by ldmatrix), so the
-    attention kernels load V tiles with wide loads instead of byte by byte.
+                 device: torch.device | str, storage: torch.Tensor | None = None,
+                 v_block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache) in the layouts the engine uses. Model dtype: both [num_blocks, block_size, num_kv_heads,
+    head_dim], head_dim contiguous. fp8: stored head-major (permuted views are returned), so one head's decode tile
+    is one contiguous run (16 KB for 128 tokens; 90.1% of copy bandwidth at 256 x 1k on an H100 against 88.7%
+    interleaved): k [num_blocks, num_kv_heads, block_size, head_dim]; v [num_blocks, num_kv_heads, block_size / G,
+    head_dim, G] with G = v_block_size (FP8_V_BLOCK by default), seen as [num_blocks, block_size / G, G,
+    num_kv_heads, head_dim]. Why V is token-contiguous: P.V reduces over tokens, and 8-bit tensor-core operands must
+    be contiguous along the reduced dim (16-bit ones are transposed by ldmatrix), so the attention kernels load V
+    tiles with 16-byte loads instead of byte by byte. Why runs of G = 64 tokens rather than whole blocks: a decode
+    step writes one token, whose codes of one head land in head_dim rows G bytes apart, a read-modify-write of a
+    32-byte sector each, and shorter runs keep those rows close. H100 (benchmarks.fused_bench --store-layouts,
+    attention_bench --v-block): store of 256 decode tokens after an L2 flush 23.2 / 14.0 / 11.5 / 8.9 us for G = 256 /
+    64 / 32 / 16; decode 256 x 1k at 91.1 / 93.9 / 89.8 / 79.4% of copy bandwidth (16-byte pieces of runs under 32
+    tokens read slower, with the same instructions). G = 64 gives the fastest engine step: 5.16 ms at batch 256
+    (benchmarks.profile_steps) against 5.50 with whole 256-token blocks and 5.57 with G = 16.
     storage: optional [2, num_blocks * block_size * num_kv_heads * head_dim] tensor of `dtype` to view (else a new
     kv_storage)."""
     numel = num_blocks * block_size * num_kv_heads * head_dim
@@ -71,9 +81,21 @@ def new_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: 
     if dtype != FP8_DTYPE:
         return (storage[0].view(num_blocks, block_size, num_kv_heads, head_dim),
                 storage[1].view(num_blocks, block_size, num_kv_heads, head_dim))
+    run = min(v_block_size or FP8_V_BLOCK, block_size)
+    if block_size % run:
+        raise ValueError(f"v_block_size {run} must divide block_size {block_size}")
     k = storage[0].view(num_blocks, num_kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
-    v = storage[1].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    v = storage[1].view(num_blocks, num_kv_heads, block_size // run, head_dim, run).permute(0, 2, 4, 1, 3)
     return k, v
+
+
+def slot_index(cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Index of cache rows (each [num_kv_heads, head_dim]) at slots [n] (int64) in a cache of blocks of block_size
+    tokens: [blocks, block_size, H, D] or in runs [blocks, block_size / G, G, H, D]."""
+    if cache.dim() == 4:
+        return slots // block_size, slots % block_size
+    run = cache.shape[2]
+    return slots // block_size, slots % block_size // run, slots % run
 
 
 def quantize_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,27 +115,26 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
     for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         x = x[valid]
         if fp8:
             x, s = quantize_fp8_torch(x)
-            scale[blocks, :, offsets] = s  # [n, H_kv] into [blocks, H_kv, block_size]
+            scale[slots // k_cache.shape[1], :, slots % k_cache.shape[1]] = s  # [n, H_kv] into [blocks, H_kv, bs]
             cache, x = cache.view(torch.uint8), x.view(torch.uint8)  # index_put on float8 is not everywhere
-        cache[blocks, offsets] = x.to(cache.dtype)  # any cache strides
+        cache[slot_index(cache, slots, k_cache.shape[1])] = x.to(cache.dtype)  # any strides
 
 
-def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen_k: int,
-              scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Keys (or values) of one sequence read through its block table: [seqlen_k, num_kv_heads, head_dim]
-    (float32, dequantised, when `scale` is given)."""
-    block_size = cache.shape[1]
-    num_blocks = (seqlen_k + block_size - 1) // block_size
-    blocks = block_table_row[:num_blocks].long()
-    x = cache[blocks].flatten(0, 1)[:seqlen_k]  # [num_blocks * block_size, H_kv, D] -> [seqlen_k, H_kv, D]
+def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seqlen_k: int, scale: torch.Tensor | None = None,
+              block_size: int | None = None) -> torch.Tensor:
+    """Keys (or values) of one sequence read through its block table, whose blocks hold block_size tokens
+    (default: cache.shape[1]): [seqlen_k, num_kv_heads, head_dim] (float32, dequantised, when `scale` is given)."""
+    page = block_size or cache.shape[1]
+    pos = torch.arange(seqlen_k, device=cache.device)
+    slots = block_table_row.to(cache.device)[pos // page].long() * page + pos % page  # [seqlen_k]
+    x = cache[slot_index(cache, slots, page)]  # [seqlen_k, H_kv, D]
     if scale is None:
         return x
-    s = scale[blocks].transpose(1, 2).flatten(0, 1)[:seqlen_k]  # [blocks, H_kv, bs] -> [seqlen_k, H_kv]
+    s = scale[slots // page, :, slots % page]  # [blocks, H_kv, page] -> [seqlen_k, H_kv]
     return x.float() * s.unsqueeze(-1)
 
 
@@ -144,7 +165,7 @@ def varlen_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for i in range(len(cq) - 1):
         seqlen_k = ck[i + 1] - ck[i]
         k = gather_kv(k_cache, block_table[i], seqlen_k, k_scale)
-        v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale)
+        v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale, k_cache.shape[1])
         out[cq[i]:cq[i + 1]] = attend_one(q[cq[i]:cq[i + 1]], k, v, softmax_scale)
     return out
 
@@ -160,6 +181,6 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for i, seqlen_k in enumerate(context_lens.tolist()):
         if seqlen_k > 0:
             k = gather_kv(k_cache, block_table[i], seqlen_k, k_scale)
-            v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale)
+            v = gather_kv(v_cache, block_table[i], seqlen_k, v_scale, k_cache.shape[1])
             out[i:i + 1] = attend_one(q[i:i + 1], k, v, softmax_scale)
     return out

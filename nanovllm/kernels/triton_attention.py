@@ -61,22 +61,32 @@ def _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE: tl.constexpr, TILE_N: 
 
 
 @triton.jit
-def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot, stride_vblk, stride_vslot,
-               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, V_LIKE_K: tl.constexpr):
-    """int64 element offsets [TILE_N] of cache rows start + offs_n in K and in V (one block-table lookup;
-    V_LIKE_K: v_cache has k_cache's strides, so the offsets are shared)."""
-    page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
+def _v_rows(page, in_page, stride_vblk, stride_vgrp, stride_vslot, BLOCK_SIZE: tl.constexpr, V_BLOCK: tl.constexpr):
+    """int64 element offsets of V rows (page, in_page) when V's pages are split into runs of V_BLOCK tokens."""
     in_page = in_page.to(tl.int64)
-    rows = page * stride_blk + in_page * stride_slot
+    if V_BLOCK == BLOCK_SIZE:
+        return page * stride_vblk + in_page * stride_vslot
+    return page * stride_vblk + (in_page // V_BLOCK) * stride_vgrp + (in_page % V_BLOCK) * stride_vslot
+
+
+@triton.jit
+def _page_rows(bt_row, start, offs_n, limit, stride_blk, stride_slot, stride_vblk, stride_vgrp, stride_vslot,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, V_LIKE_K: tl.constexpr,
+               V_BLOCK: tl.constexpr):
+    """int64 element offsets [TILE_N] of cache rows start + offs_n in K and in V (one block-table lookup;
+    V_LIKE_K: v_cache has k_cache's shape and strides, so the offsets are shared)."""
+    page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
+    rows = page * stride_blk + in_page.to(tl.int64) * stride_slot
     if V_LIKE_K:
         return rows, rows
-    return rows, page * stride_vblk + in_page * stride_vslot
+    return rows, _v_rows(page, in_page, stride_vblk, stride_vgrp, stride_vslot, BLOCK_SIZE, V_BLOCK)
 
 
 @triton.jit
 def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, limit, qk_scale, dtype: tl.constexpr,
-              stride_cblk, stride_cslot, stride_vblk, stride_vslot, stride_vd, stride_sblk,
-              BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr):
+              stride_cblk, stride_cslot, stride_vblk, stride_vgrp, stride_vslot, stride_vd, stride_sblk,
+              BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr, MASKED: tl.constexpr,
+              V_BLOCK: tl.constexpr):
     """One fp8 K/V tile converted to `dtype` [TILE_N, D] and its per-key scales [TILE_N] (k's times qk_scale).
     Every row addressed lies in an allocated page (the tile's page, or page 0 for rows past `limit` without
     ONE_PAGE). MASKED (a tile that may reach past `limit`, inside the one pipelined loop): K rows past `limit` are
@@ -86,7 +96,8 @@ def _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, l
     callers mask their scores."""
     page, in_page = _page_index(bt_row, start, offs_n, limit, BLOCK_SIZE, TILE_N, ONE_PAGE)
     rows = page * stride_cblk + in_page.to(tl.int64) * stride_cslot
-    v_ptrs = v_head + (page * stride_vblk + in_page.to(tl.int64) * stride_vslot)[:, None] + offs_d[None, :] * stride_vd
+    v_ptrs = v_head + _v_rows(page, in_page, stride_vblk, stride_vgrp, stride_vslot, BLOCK_SIZE, V_BLOCK)[:, None] \
+        + offs_d[None, :] * stride_vd
     srows = page * stride_sblk + in_page
     if MASKED:
         pos = start + offs_n
@@ -179,11 +190,11 @@ def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows /
                           k_scale_ptr, v_scale_ptr,  # [num_blocks, H_kv, block_size] fp32 (FP8 only)
                           stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
-                          stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                          stride_vblk, stride_vgrp, stride_vslot, stride_vch, stride_vd,  # _v_layout
                           stride_sblk, stride_sh,
                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          HEADS_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, V_BLOCK: tl.constexpr,
+                          FP8: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -194,7 +205,8 @@ def _store_kvcache_kernel(key_ptr, value_ptr,      # [N, H_kv, D] strided rows /
     src_v = tok.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_cslot \
         + offs_h[:, None] * stride_ch + offs_d[None, :]
-    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE) * stride_vslot \
+    vdst = (slot // BLOCK_SIZE) * stride_vblk + (slot % BLOCK_SIZE // V_BLOCK) * stride_vgrp \
+        + (slot % V_BLOCK) * stride_vslot \
         + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vd
     k = tl.load(key_ptr + src_k, mask=mask)
     v = tl.load(value_ptr + src_v, mask=mask)
@@ -224,12 +236,13 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     key, value = last_dim_contiguous(key), last_dim_contiguous(value)
     k_dst, v_dst, k_scale, v_scale = _kernel_cache_args(k_cache, v_cache, k_scale, v_scale, fp8)
     pdl = use_pdl(key)
+    v_block, v_strides = _v_layout(v_cache)
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_dst, v_dst, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), k_scale.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides, k_scale.stride(0),
         k_scale.stride(1), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, **pdl_launch(pdl),
+        BLOCK_SIZE=k_cache.shape[1], V_BLOCK=v_block, FP8=fp8, **pdl_launch(pdl),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
 
@@ -254,12 +267,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
                     qk_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
-                    stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                    stride_vblk, stride_vgrp, stride_vslot, stride_vch, stride_vd,  # _v_layout
                     stride_bt, stride_sblk, stride_sh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                     NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                    KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr):
+                    KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, V_BLOCK: tl.constexpr):
     # Tile = TOKENS query tokens x GROUP query heads (row r: token r // GROUP, head r % GROUP).
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) tiles first
     b = tl.program_id(1)
@@ -298,15 +311,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
         vs_head = v_scale_ptr + kvh * stride_sh
         for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
-                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, False)
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vgrp,
+                                     stride_vslot, stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, False, V_BLOCK)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
         for start in tl.range(n_full, n_end, TILE_N, num_stages=NUM_STAGES):
             pos = start + offs_n
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, k_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
-                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vgrp,
+                                     stride_vslot, stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True, V_BLOCK)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             visible = (pos[None, :] <= q_pos[:, None]) & (pos < k_len)[None, :]
             qk = tl.where(visible, qk, float("-inf"))
@@ -314,7 +327,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
     else:
         for start in tl.range(0, n_full, TILE_N, num_stages=NUM_STAGES):
             rows, vrows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, stride_vblk,
-                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
+                                     stride_vgrp, stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K, V_BLOCK)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :])
             v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -323,7 +336,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, cu_k_ptr
             pos = start + offs_n
             kv_ok = (pos < k_len)[:, None]
             rows, vrows = _page_rows(bt_row, start, offs_n, k_len, stride_cblk, stride_cslot, stride_vblk,
-                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
+                                     stride_vgrp, stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K, V_BLOCK)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -375,17 +388,18 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tokens = rows // group
     block_size = k_cache.shape[1]
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
+    v_block, v_strides = _v_layout(v_cache)
     grid = (triton.cdiv(max_seqlen_q, tokens), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_table, k_scale, v_scale,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides, block_table.stride(0),
         k_scale.stride(0), k_scale.stride(1),
         GROUP=group, HEAD_DIM=head_dim, ROWS=rows, TOKENS=tokens, BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0, NUM_STAGES=cfg["num_stages"],
         DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        V_LIKE_K=v_cache.stride() == k_cache.stride(), num_warps=cfg["num_warps"])
+        V_LIKE_K=_v_like_k(k_cache, v_cache), V_BLOCK=v_block, num_warps=cfg["num_warps"])
     return out
 
 
@@ -411,13 +425,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
                    qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh,
                    stride_cblk, stride_cslot, stride_ch,             # k_cache strides (head_dim: 1)
-                   stride_vblk, stride_vslot, stride_vch, stride_vd,  # v_cache strides
+                   stride_vblk, stride_vgrp, stride_vslot, stride_vch, stride_vd,  # _v_layout
                    stride_bt, stride_sblk, stride_sh,
                    max_splits, min_split_tiles,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ONE_PAGE: tl.constexpr,
                    NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr,
-                   KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, ORDERED: tl.constexpr,
+                   KV_DTYPE: tl.constexpr, V_LIKE_K: tl.constexpr, V_BLOCK: tl.constexpr, ORDERED: tl.constexpr,
                    USE_PDL: tl.constexpr):
     wait_for_previous_kernel(USE_PDL)
     if ORDERED:
@@ -457,8 +471,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
         for t in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):  # one pipelined loop, the partial tile too
             start = t * TILE_N
             k, v, ks, vs = _fp8_tile(k_head, v_head, ks_head, vs_head, bt_row, start, offs_n, offs_d, ctx_len,
-                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vslot,
-                                     stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True)
+                                     qk_scale, KV_DTYPE, stride_cblk, stride_cslot, stride_vblk, stride_vgrp,
+                                     stride_vslot, stride_vd, stride_sblk, BLOCK_SIZE, TILE_N, ONE_PAGE, True, V_BLOCK)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * ks[None, :]
             qk = tl.where((start + offs_n < ctx_len)[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_step_vscaled(acc, m_i, l_i, qk, v, vs, DOT_PREC)
@@ -468,7 +482,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_ls
             pos = start + offs_n
             kv_ok = (pos < ctx_len)[:, None]
             rows, vrows = _page_rows(bt_row, start, offs_n, ctx_len, stride_cblk, stride_cslot, stride_vblk,
-                                     stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K)
+                                     stride_vgrp, stride_vslot, BLOCK_SIZE, TILE_N, ONE_PAGE, V_LIKE_K, V_BLOCK)
             k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_head + vrows[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -565,19 +579,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_o = part_lse = out  # never written: every row takes the direct path
     block_size = k_cache.shape[1]
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (q, q)  # stand-ins, never read
+    v_block, v_strides = _v_layout(v_cache)
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, max_splits)](
         q, k_cache, v_cache, out, part_o, part_lse, context_lens, block_table,
         order if order is not None else context_lens, k_scale, v_scale,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides, block_table.stride(0),
         k_scale.stride(0), k_scale.stride(1),
         max_splits, cfg["min_split_tiles"],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=cfg["tile_n"], ONE_PAGE=block_size % cfg["tile_n"] == 0,
         NUM_STAGES=cfg["num_stages"], DOT_PREC=dot_precision(q), FP8=fp8, KV_DTYPE=_fp8_compute_dtype(q),
-        V_LIKE_K=v_cache.stride() == k_cache.stride(), ORDERED=order is not None, **pdl_launch(pdl),
+        V_LIKE_K=_v_like_k(k_cache, v_cache), V_BLOCK=v_block, ORDERED=order is not None,
+        **pdl_launch(pdl),
         num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     if max_splits > 1:
@@ -615,15 +631,33 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
         raise ValueError(f"head_dim {head_dim} must be a power of two in 16..256")
 
 
+def _v_like_k(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
+
+
+def _v_layout(v_cache: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """(V_BLOCK, strides (block, run, slot, head, dim)) of a v_cache [blocks, block_size, H, D] (one run per block:
+    the run stride is never used) or [blocks, block_size / G, G, H, D] (runs of G tokens)."""
+    if v_cache.dim() == 4:
+        s_blk, s_slot, s_h, s_d = v_cache.stride()
+        return v_cache.shape[1], (s_blk, 0, s_slot, s_h, s_d)
+    return v_cache.shape[2], v_cache.stride()
+
+
 def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
-    """Both caches [num_blocks, block_size, num_kv_heads, head_dim]; k_cache's head_dim contiguous; v_cache's too,
-    or its block_size (the token-contiguous layout of the engine's fp8 V cache, torch_attention.new_kv_cache)."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+    """k_cache [num_blocks, block_size, num_kv_heads, head_dim] with head_dim contiguous; v_cache the same or split
+    into runs of G tokens ([num_blocks, block_size / G, G, ...]), with a contiguous head_dim or token dim (the
+    token-contiguous layout of the engine's fp8 V cache, torch_attention.new_kv_cache)."""
+    v_shape = v_cache.shape if v_cache.dim() != 5 else (v_cache.shape[0], v_cache.shape[1] * v_cache.shape[2],
+                                                         *v_cache.shape[3:])
+    if k_cache.dim() != 4 or v_cache.dim() not in (4, 5) or k_cache.shape != v_shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
-                         "[num_blocks, block_size, num_kv_heads, head_dim]")
+                         "[num_blocks, block_size, num_kv_heads, head_dim] (v_cache: or [num_blocks, block_size / G, "
+                         "G, num_kv_heads, head_dim])")
     if k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not match num_kv_heads {num_kv_heads}, "
                          f"head_dim {head_dim}")
-    if k_cache.stride(3) != 1 or 1 not in (v_cache.stride(3), v_cache.stride(1)):
+    token_dim = 1 if v_cache.dim() == 4 else 2
+    if k_cache.stride(3) != 1 or 1 not in (v_cache.stride(-1), v_cache.stride(token_dim)):
         raise ValueError(f"k_cache strides {k_cache.stride()} need a contiguous head_dim; v_cache strides "
-                         f"{v_cache.stride()} a contiguous head_dim or block_size")
+                         f"{v_cache.stride()} a contiguous head_dim or token dim")

@@ -2,7 +2,8 @@
 
 Layout: one tensor [num_layers, 2 (k, v), num_blocks * block_size * num_kv_heads (this rank's) * head_dim]; layer
 i's attention sees k and v as [num_blocks, block_size, num_kv_heads, head_dim] views of data[i]
-(torch_attention.new_kv_cache: head_dim-contiguous, except an fp8 V, which is token-contiguous). An FP8
+(torch_attention.new_kv_cache: head_dim-contiguous; fp8: head-major, and V [num_blocks, block_size / 64, 64,
+num_kv_heads, head_dim] in token-contiguous runs of 64 tokens). An FP8
 cache (kv_cache_dtype="fp8") stores float8 e4m3 codes there plus a float32 scale per (token, KV head):
 scales [2, num_layers, num_blocks, num_kv_heads, block_size] (head-major inside a block, so one head's scales for a
 tile of tokens are one contiguous load). Scales follow the data: each token's K and V of each head are scaled by
